@@ -1,0 +1,389 @@
+"""Python client for the sidecar: sync `RerankClient` and asyncio `AsyncRerankClient`.
+
+It knows only the proto. Every call has a deadline; `UNAVAILABLE` (and only that: the
+call never reached a model, so it is safe to repeat) is retried with exponential backoff,
+moving to the next address each time. Several addresses are spread round-robin, one
+channel each; a `dns:///` target with grpc's own `round_robin` policy also works.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+
+from rerankd.errors import (
+    DeadlineExceededError,
+    InvalidInputError,
+    OverloadedError,
+    RerankdError,
+    UnavailableError,
+    UnknownModelError,
+)
+from rerankd.types import (
+    Document,
+    Normalization,
+    RerankResponse,
+    RerankResult,
+    SparseVector,
+    Timings,
+)
+from rerankd.v1 import reranker_pb2 as pb
+from rerankd.v1 import reranker_pb2_grpc as pb_grpc
+
+T = TypeVar("T")
+DocumentLike = str | Document | tuple[str, str] | dict
+_NORM = {Normalization.RAW: pb.NORMALIZATION_RAW, Normalization.SIGMOID: pb.NORMALIZATION_SIGMOID}
+_INPUT = {"query": pb.INPUT_TYPE_QUERY, "document": pb.INPUT_TYPE_DOCUMENT}
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    """Embed's answer: dense rows (n, dim) and/or sparse vectors, one per text."""
+
+    dense: np.ndarray | None
+    sparse: list[SparseVector] | None
+    dense_model: str
+    sparse_model: str
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    kind: str
+    source: str
+    architecture: str
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    max_length: int
+    default_max_length: int
+    backend: str
+    precision: str
+    device: str
+    is_default: bool
+    dimension: int
+
+
+def _doc(i: int, d: DocumentLike) -> pb.Document:
+    if isinstance(d, str):
+        return pb.Document(id=str(i), text=d)
+    if isinstance(d, Document):
+        return pb.Document(id=d.id, text=d.text)
+    if isinstance(d, tuple):
+        return pb.Document(id=str(d[0]), text=d[1])
+    if isinstance(d, dict):
+        return pb.Document(id=str(d.get("id", i)), text=d["text"])
+    raise InvalidInputError(f"documents[{i}] must be str, Document, (id, text) or dict")
+
+
+def build_rerank_request(
+    query: str,
+    documents: Sequence[DocumentLike],
+    top_n: int,
+    model: str,
+    max_length: int,
+    normalization: Normalization | str,
+    return_documents: bool,
+) -> pb.RerankRequest:
+    try:
+        norm = _NORM[Normalization(normalization)]
+    except ValueError:
+        raise InvalidInputError(f"normalization must be 'raw' or 'sigmoid', got {normalization!r}") from None
+    if top_n < 0 or max_length < 0:
+        raise InvalidInputError("top_n and max_length must be >= 0")
+    return pb.RerankRequest(
+        query=query,
+        documents=[_doc(i, d) for i, d in enumerate(documents)],
+        top_n=top_n,
+        model=model,
+        options=pb.RerankOptions(
+            max_length=max_length, normalization=norm, return_documents=return_documents
+        ),
+    )
+
+
+def parse_rerank(resp: pb.RerankResponse, return_documents: bool) -> RerankResponse:
+    return RerankResponse(
+        results=[
+            RerankResult(r.index, r.id, r.score, r.text if return_documents else None)
+            for r in resp.results
+        ],
+        model=resp.model,
+        tokens=resp.usage.tokens,
+        timings=Timings(resp.timings.queue_us, resp.timings.tokenize_us, resp.timings.inference_us),
+    )
+
+
+def build_embed_request(
+    texts: Sequence[str], dense: bool, sparse: bool, input_type: str, dense_model: str,
+    sparse_model: str, normalize: bool,
+) -> pb.EmbedRequest:
+    if input_type not in _INPUT:
+        raise InvalidInputError(f"input_type must be 'query' or 'document', got {input_type!r}")
+    return pb.EmbedRequest(
+        texts=list(texts), dense=dense, sparse=sparse, input_type=_INPUT[input_type],
+        dense_model=dense_model, sparse_model=sparse_model, normalize=normalize,
+    )
+
+
+def parse_embed(resp: pb.EmbedResponse, dense: bool, sparse: bool) -> Embeddings:
+    d = np.array([list(e.dense.values) for e in resp.embeddings], dtype=np.float32) if dense else None
+    s = (
+        [SparseVector(list(e.sparse.indices), list(e.sparse.values)) for e in resp.embeddings]
+        if sparse
+        else None
+    )
+    return Embeddings(d, s, resp.dense_model, resp.sparse_model)
+
+
+def parse_models(resp: pb.ListModelsResponse) -> list[ModelInfo]:
+    kinds = {
+        pb.MODEL_KIND_RERANKER: "reranker",
+        pb.MODEL_KIND_DENSE_ENCODER: "dense",
+        pb.MODEL_KIND_SPARSE_ENCODER: "sparse",
+    }
+    return [
+        ModelInfo(
+            m.name, kinds.get(m.kind, "unknown"), m.source, m.architecture, m.num_layers,
+            m.hidden_size, m.num_heads, m.max_length, m.default_max_length, m.backend,
+            m.precision, m.device, m.is_default, m.dimension,
+        )
+        for m in resp.models
+    ]
+
+
+def error_from(exc: grpc.RpcError) -> RerankdError:
+    """A gRPC status as rerankd's own exception, keeping the server's message."""
+    code, details = exc.code(), exc.details() or ""
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        cls = UnknownModelError if details.startswith("unknown") else InvalidInputError
+        return cls(details)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return OverloadedError(details)
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return DeadlineExceededError(details or "deadline exceeded")
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return UnavailableError(details or "sidecar unavailable")
+    return RerankdError(f"{code.name}: {details}")
+
+
+def _addresses(addresses: str | Iterable[str]) -> list[str]:
+    out = [addresses] if isinstance(addresses, str) else list(addresses)
+    if not out:
+        raise ValueError("give at least one sidecar address, e.g. '127.0.0.1:50051'")
+    return out
+
+
+def _channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.lb_policy_name", "round_robin"),
+        # Reconnect quickly after a sidecar restart instead of backing off for seconds.
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.min_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 1000),
+    ]
+
+
+class _Policy:
+    """Round-robin over channels plus the retry schedule, shared by both clients."""
+
+    def __init__(self, n: int, timeout: float, retries: int, backoff: float, max_backoff: float) -> None:
+        if timeout <= 0:
+            raise ValueError("timeout must be > 0 seconds: every call has a deadline")
+        self.timeout = timeout
+        self.retries = retries
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self._next = itertools.cycle(range(n))
+
+    def pick(self) -> int:
+        return next(self._next)
+
+    def delay(self, attempt: int) -> float:
+        base = min(self.max_backoff, self.backoff * (2**attempt))
+        return base * (0.5 + random.random() / 2)  # jitter, so clients do not retry in step
+
+
+class RerankClient:
+    """Blocking client. Thread-safe; create one and share it."""
+
+    def __init__(
+        self,
+        addresses: str | Iterable[str] = "127.0.0.1:50051",
+        *,
+        timeout: float = 10.0,
+        retries: int = 3,
+        backoff: float = 0.05,
+        max_backoff: float = 1.0,
+        max_message_bytes: int = 32 << 20,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
+        self.addresses = _addresses(addresses)
+        opts = _channel_options(max_message_bytes)
+        self._channels = [
+            grpc.secure_channel(a, credentials, options=opts) if credentials
+            else grpc.insecure_channel(a, options=opts)
+            for a in self.addresses
+        ]
+        self._stubs = [pb_grpc.RerankerStub(c) for c in self._channels]
+        self._policy = _Policy(len(self._stubs), timeout, retries, backoff, max_backoff)
+
+    def _invoke(self, method: str, request: Any, timeout: float | None) -> Any:
+        timeout = timeout or self._policy.timeout
+        deadline = time.monotonic() + timeout
+        attempt = 0
+        while True:
+            stub = self._stubs[self._policy.pick()]
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise DeadlineExceededError(f"{method}: deadline of {timeout:.3f}s passed")
+            try:
+                return getattr(stub, method)(request, timeout=remaining)
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE or attempt >= self._policy.retries:
+                    raise error_from(exc) from None
+            pause = min(self._policy.delay(attempt), max(0.0, deadline - time.monotonic()))
+            time.sleep(pause)  # backoff between retries, not synchronisation
+            attempt += 1
+
+    def rerank(
+        self,
+        query: str,
+        documents: Sequence[DocumentLike],
+        *,
+        top_n: int = 0,
+        model: str = "",
+        max_length: int = 0,
+        normalization: Normalization | str = Normalization.RAW,
+        return_documents: bool = False,
+        timeout: float | None = None,
+    ) -> RerankResponse:
+        """Documents best first. `documents`: strings (ids are positions), Documents, (id, text)."""
+        req = build_rerank_request(query, documents, top_n, model, max_length, normalization, return_documents)
+        return parse_rerank(self._invoke("Rerank", req, timeout), return_documents)
+
+    def embed(
+        self,
+        texts: Sequence[str],
+        *,
+        dense: bool = True,
+        sparse: bool = False,
+        input_type: str = "query",
+        dense_model: str = "",
+        sparse_model: str = "",
+        normalize: bool = True,
+        timeout: float | None = None,
+    ) -> Embeddings:
+        req = build_embed_request(texts, dense, sparse, input_type, dense_model, sparse_model, normalize)
+        return parse_embed(self._invoke("Embed", req, timeout), dense or not sparse, sparse)
+
+    def list_models(self, timeout: float | None = None) -> list[ModelInfo]:
+        return parse_models(self._invoke("ListModels", pb.ListModelsRequest(), timeout))
+
+    def close(self) -> None:
+        for c in self._channels:
+            c.close()
+
+    def __enter__(self) -> RerankClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncRerankClient:
+    """asyncio client with the same API; create it inside the event loop that uses it."""
+
+    def __init__(
+        self,
+        addresses: str | Iterable[str] = "127.0.0.1:50051",
+        *,
+        timeout: float = 10.0,
+        retries: int = 3,
+        backoff: float = 0.05,
+        max_backoff: float = 1.0,
+        max_message_bytes: int = 32 << 20,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
+        self.addresses = _addresses(addresses)
+        opts = _channel_options(max_message_bytes)
+        self._channels = [
+            grpc.aio.secure_channel(a, credentials, options=opts) if credentials
+            else grpc.aio.insecure_channel(a, options=opts)
+            for a in self.addresses
+        ]
+        self._stubs = [pb_grpc.RerankerStub(c) for c in self._channels]
+        self._policy = _Policy(len(self._stubs), timeout, retries, backoff, max_backoff)
+
+    async def _invoke(self, method: str, request: Any, timeout: float | None) -> Any:
+        timeout = timeout or self._policy.timeout
+        deadline = time.monotonic() + timeout
+        attempt = 0
+        while True:
+            stub = self._stubs[self._policy.pick()]
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise DeadlineExceededError(f"{method}: deadline of {timeout:.3f}s passed")
+            try:
+                return await getattr(stub, method)(request, timeout=remaining)
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE or attempt >= self._policy.retries:
+                    raise error_from(exc) from None
+            await asyncio.sleep(min(self._policy.delay(attempt), max(0.0, deadline - time.monotonic())))
+            attempt += 1
+
+    async def rerank(
+        self,
+        query: str,
+        documents: Sequence[DocumentLike],
+        *,
+        top_n: int = 0,
+        model: str = "",
+        max_length: int = 0,
+        normalization: Normalization | str = Normalization.RAW,
+        return_documents: bool = False,
+        timeout: float | None = None,
+    ) -> RerankResponse:
+        req = build_rerank_request(query, documents, top_n, model, max_length, normalization, return_documents)
+        return parse_rerank(await self._invoke("Rerank", req, timeout), return_documents)
+
+    async def embed(
+        self,
+        texts: Sequence[str],
+        *,
+        dense: bool = True,
+        sparse: bool = False,
+        input_type: str = "query",
+        dense_model: str = "",
+        sparse_model: str = "",
+        normalize: bool = True,
+        timeout: float | None = None,
+    ) -> Embeddings:
+        req = build_embed_request(texts, dense, sparse, input_type, dense_model, sparse_model, normalize)
+        return parse_embed(await self._invoke("Embed", req, timeout), dense or not sparse, sparse)
+
+    async def list_models(self, timeout: float | None = None) -> list[ModelInfo]:
+        return parse_models(await self._invoke("ListModels", pb.ListModelsRequest(), timeout))
+
+    async def close(self) -> None:
+        for c in self._channels:
+            await c.close()
+
+    async def __aenter__(self) -> AsyncRerankClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+__all__ = ["AsyncRerankClient", "Embeddings", "ModelInfo", "RerankClient"]

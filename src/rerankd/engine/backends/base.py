@@ -1,0 +1,34 @@
+"""One interface for every backend: a padded token batch in, one logit per pair out.
+
+Backends know nothing of queries, documents or requests; the scheduler hands them
+batches that `tokenize.collate` built, and they return float32 logits.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    """What ListModels reports about how a model runs."""
+
+    name: str  # "torch" or "onnx"
+    precision: str  # "fp32", "bf16", "fp16", "int8"
+    device: str  # "cpu", "cuda:0"
+
+
+class Backend(ABC):
+    """Scores batches for one loaded cross-encoder."""
+
+    info: BackendInfo
+
+    @abstractmethod
+    def score(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        """Logits, shape (batch,), float32, for `input_ids`/`attention_mask`/`token_type_ids`."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release sessions or device memory."""

@@ -1,0 +1,212 @@
+"""BERT-family cross-encoders (BERT, MiniLM, TinyBERT, XLM-RoBERTa), implemented here.
+
+Our own module rather than `transformers`' so that the serving path has no dependency on
+it, exports cleanly to ONNX, and can later run at a chosen depth. Parameter names follow
+the Hugging Face checkpoints (`bert.encoder.layer.N...`) so weights load one-to-one.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rerankd.engine.models.config import ModelConfig
+
+
+def _activation(name: str):
+    if name == "gelu":
+        return F.gelu
+    if name in ("gelu_new", "gelu_pytorch_tanh"):
+        return lambda x: F.gelu(x, approximate="tanh")
+    return F.relu
+
+
+class Embeddings(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.roberta_positions = cfg.family == "roberta"
+        self.pad_token_id = cfg.pad_token_id
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor
+    ) -> torch.Tensor:
+        if self.roberta_positions:
+            # RoBERTa numbers real tokens from pad_token_id + 1; padding keeps pad_token_id.
+            mask = attention_mask.to(torch.long)
+            positions = torch.cumsum(mask, dim=1) * mask + self.pad_token_id
+        else:
+            seq = input_ids.shape[1]
+            positions = torch.arange(seq, device=input_ids.device).unsqueeze(0)
+        x = (
+            self.word_embeddings(input_ids)
+            + self.position_embeddings(positions)
+            + self.token_type_embeddings(token_type_ids)
+        )
+        return self.LayerNorm(x)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.head_dim = cfg.hidden_size // cfg.num_heads
+        self.query = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.key = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.value = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        b, s, h = x.shape
+
+        def split(t: torch.Tensor) -> torch.Tensor:
+            return t.view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
+
+        q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
+        scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.head_dim) + bias
+        probs = torch.softmax(scores, dim=-1)
+        return torch.matmul(probs, v).transpose(1, 2).reshape(b, s, h)
+
+
+class SelfOutput(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.dense(x) + residual)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.self = SelfAttention(cfg)
+        self.output = SelfOutput(cfg)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        return self.output(self.self(x, bias), x)
+
+
+class Intermediate(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.act = _activation(cfg.hidden_act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.dense(x))
+
+
+class Output(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.dense(x) + residual)
+
+
+class Layer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.attention = Attention(cfg)
+        self.intermediate = Intermediate(cfg)
+        self.output = Output(cfg)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        a = self.attention(x, bias)
+        return self.output(self.intermediate(a), a)
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.layer = nn.ModuleList(Layer(cfg) for _ in range(cfg.num_layers))
+
+
+class Pooler(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.dense(hidden[:, 0]))
+
+
+class BertBackbone(nn.Module):
+    """Embeddings + encoder (+ pooler for BERT heads): the part named `bert.` or `roberta.`."""
+
+    def __init__(self, cfg: ModelConfig, with_pooler: bool) -> None:
+        super().__init__()
+        self.embeddings = Embeddings(cfg)
+        self.encoder = Encoder(cfg)
+        self.pooler = Pooler(cfg) if with_pooler else None
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor,
+        depth: int | None = None,
+    ) -> torch.Tensor:
+        x = self.embeddings(input_ids, attention_mask, token_type_ids)
+        # Additive mask, broadcast over heads and query positions: 0 keep, -large drop.
+        bias = (1.0 - attention_mask[:, None, None, :].to(x.dtype)) * torch.finfo(x.dtype).min
+        for layer in self.encoder.layer[: depth or len(self.encoder.layer)]:
+            x = layer(x, bias)
+        return x
+
+
+class RobertaHead(nn.Module):
+    """RoBERTa's classification head: dense + tanh on the first token, then out_proj."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.out_proj = nn.Linear(cfg.hidden_size, cfg.num_labels)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.out_proj(torch.tanh(self.dense(hidden[:, 0])))
+
+
+class CrossEncoder(nn.Module):
+    """A sequence-classification cross-encoder; `forward` returns one logit per pair.
+
+    For multi-label heads the first label is the relevance score, as in the
+    sentence-transformers convention for rerankers with num_labels == 1.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        if cfg.head == "pooler":
+            self.bert = BertBackbone(cfg, with_pooler=True)
+            self.classifier: nn.Module = nn.Linear(cfg.hidden_size, cfg.num_labels)
+        else:
+            self.roberta = BertBackbone(cfg, with_pooler=False)
+            self.classifier = RobertaHead(cfg)
+
+    @property
+    def backbone(self) -> BertBackbone:
+        return self.bert if self.config.head == "pooler" else self.roberta
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor,
+        depth: int | None = None,
+    ) -> torch.Tensor:
+        hidden = self.backbone(input_ids, attention_mask, token_type_ids, depth)
+        if self.config.head == "pooler":
+            logits = self.classifier(self.backbone.pooler(hidden))
+        else:
+            logits = self.classifier(hidden)
+        return logits[:, 0]

@@ -1,0 +1,194 @@
+"""Cross-request dynamic batching for one model.
+
+Callers submit a job (the encoded pairs of one request) and get a Future. One worker
+thread drains whatever jobs are queued, drops those whose deadline has passed, sorts all
+their pairs by length and packs them into batches under a token budget (padding is paid
+per batch, so similar lengths together waste little), runs the backend and routes each
+score back to its job. A job resolves as soon as its last pair is scored.
+
+The queue is bounded in pairs: a submit that would exceed it raises `OverloadedError`
+at once (backpressure), rather than letting latency grow without bound.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from rerankd.engine.backends.base import Backend
+from rerankd.engine.tokenize import EncodedPair, collate
+from rerankd.errors import DeadlineExceededError, OverloadedError, RerankdError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Batching limits. Tokens are counted with padding: batch size x longest pair."""
+
+    max_batch_tokens: int = 4096
+    max_batch_size: int = 32
+    max_queued_pairs: int = 8192
+
+
+@dataclass
+class JobResult:
+    """Scores in submission order and where the job's time went (seconds)."""
+
+    scores: np.ndarray
+    queue_s: float
+    inference_s: float
+    tokens: int
+
+
+@dataclass
+class _Job:
+    pairs: list[EncodedPair]
+    deadline: float | None
+    future: Future[JobResult]
+    enqueued: float
+    scores: np.ndarray = field(init=False)
+    remaining: int = field(init=False)
+    started: float = 0.0
+    inference_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.scores = np.zeros(len(self.pairs), dtype=np.float32)
+        self.remaining = len(self.pairs)
+
+
+def pack(lengths: list[int], max_tokens: int, max_size: int) -> list[list[int]]:
+    """Indices grouped into batches: longest first, each under the padded-token budget.
+
+    A pair longer than the budget on its own still gets a batch of one.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        width = lengths[current[0]] if current else lengths[i]
+        if current and (len(current) + 1 > max_size or (len(current) + 1) * width > max_tokens):
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+class Scheduler:
+    """Pools requests for one backend in a single worker thread."""
+
+    def __init__(self, backend: Backend, pad_id: int, config: SchedulerConfig, name: str) -> None:
+        self.backend = backend
+        self.pad_id = pad_id
+        self.config = config
+        self.name = name
+        self._queue: deque[_Job] = deque()
+        self._queued_pairs = 0
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name=f"rerankd-{name}", daemon=True)
+        self.batches_run = 0
+        self._thread.start()
+
+    @property
+    def queued_pairs(self) -> int:
+        return self._queued_pairs
+
+    def submit(self, pairs: list[EncodedPair], deadline: float | None = None) -> Future[JobResult]:
+        """Queue a job; `deadline` is a `time.monotonic()` instant or None."""
+        future: Future[JobResult] = Future()
+        if not pairs:
+            future.set_result(JobResult(np.zeros(0, np.float32), 0.0, 0.0, 0))
+            return future
+        with self._cond:
+            if self._stopping:
+                raise RerankdError(f"model {self.name!r} is shutting down")
+            if self._queued_pairs + len(pairs) > self.config.max_queued_pairs:
+                raise OverloadedError(
+                    f"model {self.name!r} queue is full ({self._queued_pairs} pairs queued, "
+                    f"limit {self.config.max_queued_pairs}); retry later or on another replica"
+                )
+            self._queue.append(_Job(pairs, deadline, future, time.monotonic()))
+            self._queued_pairs += len(pairs)
+            self._cond.notify()
+        return future
+
+    def close(self, drain: bool = True) -> None:
+        """Stop the worker; with `drain`, queued jobs are computed first, else failed."""
+        with self._cond:
+            self._stopping = True
+            if not drain:
+                while self._queue:
+                    job = self._queue.popleft()
+                    job.future.set_exception(RerankdError(f"model {self.name!r} shut down"))
+                self._queued_pairs = 0
+            self._cond.notify_all()
+        self._thread.join()
+
+    def _take(self) -> list[_Job] | None:
+        with self._cond:
+            while not self._queue and not self._stopping:
+                self._cond.wait()
+            if not self._queue:
+                return None
+            jobs = list(self._queue)
+            self._queue.clear()
+            self._queued_pairs = 0
+            return jobs
+
+    def _run(self) -> None:
+        while (jobs := self._take()) is not None:
+            try:
+                self._round(jobs)
+            except Exception as exc:  # a backend failure fails these jobs, not the server
+                log.exception("batch failed for model %s", self.name)
+                for job in jobs:
+                    if not job.future.done():
+                        job.future.set_exception(RerankdError(f"inference failed: {exc}"))
+
+    def _round(self, jobs: list[_Job]) -> None:
+        now = time.monotonic()
+        live: list[_Job] = []
+        for job in jobs:
+            if not job.future.set_running_or_notify_cancel():
+                continue  # the caller gave up
+            if job.deadline is not None and job.deadline <= now:
+                job.future.set_exception(
+                    DeadlineExceededError("deadline passed while queued; nothing was computed")
+                )
+                continue
+            job.started = now
+            live.append(job)
+        refs = [(job, i) for job in live for i in range(len(job.pairs))]
+        lengths = [len(job.pairs[i]) for job, i in refs]
+        for batch in pack(lengths, self.config.max_batch_tokens, self.config.max_batch_size):
+            members = [refs[k] for k in batch]
+            members = [(job, i) for job, i in members if not job.future.done()]
+            if not members:
+                continue
+            t0 = time.perf_counter()
+            scores = self.backend.score(collate([job.pairs[i] for job, i in members], self.pad_id))
+            spent = time.perf_counter() - t0
+            self.batches_run += 1
+            for (job, i), score in zip(members, scores, strict=True):
+                job.scores[i] = score
+                job.remaining -= 1
+            for job in {id(j): j for j, _ in members}.values():
+                job.inference_s += spent
+                if job.remaining == 0:
+                    job.future.set_result(
+                        JobResult(
+                            job.scores,
+                            queue_s=job.started - job.enqueued,
+                            inference_s=job.inference_s,
+                            tokens=sum(len(p) for p in job.pairs),
+                        )
+                    )

@@ -1,0 +1,35 @@
+"""Exceptions with messages meant for the caller: each says what to fix.
+
+The server maps them onto gRPC status codes (see `server/status.py`); the client maps
+status codes back onto them, so Python callers see the same exception either side.
+"""
+
+from __future__ import annotations
+
+
+class RerankdError(Exception):
+    """Base of rerankd's own errors."""
+
+
+class InvalidInputError(RerankdError, ValueError):
+    """The request is malformed; the message says what to fix (INVALID_ARGUMENT)."""
+
+
+class UnknownModelError(InvalidInputError):
+    """The request names a model the server has not loaded (INVALID_ARGUMENT)."""
+
+
+class OverloadedError(RerankdError):
+    """The server's queue is full; retry later or elsewhere (RESOURCE_EXHAUSTED)."""
+
+
+class DeadlineExceededError(RerankdError, TimeoutError):
+    """The request's deadline passed before it was computed (DEADLINE_EXCEEDED)."""
+
+
+class UnavailableError(RerankdError, ConnectionError):
+    """No sidecar could be reached (UNAVAILABLE)."""
+
+
+class ModelLoadError(RerankdError):
+    """A model could not be loaded: missing files, no safetensors, unsupported architecture."""

@@ -1,0 +1,128 @@
+"""Start, run and stop the sidecar: models, gRPC server, health, reflection, signals.
+
+Order matters for orchestrators: the port opens first with health NOT_SERVING, models
+load and warm up, and only then does health say SERVING. On SIGTERM/SIGINT health turns
+NOT_SERVING, new calls are refused and in-flight calls drain for up to `grace` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from rerankd.engine.factory import load_reranker
+from rerankd.engine.limits import Limits
+from rerankd.engine.scheduler import SchedulerConfig
+from rerankd.server.config import ServeConfig
+from rerankd.server.grpc_service import SERVICE, RerankerService
+from rerankd.server.registry import Registry
+from rerankd.v1 import reranker_pb2
+
+log = logging.getLogger("rerankd.server")
+
+
+def load_registry(cfg: ServeConfig) -> Registry:
+    """Load the reranker and the encoders the config names (blocking, seconds)."""
+    registry = Registry()
+    model = load_reranker(
+        cfg.model,
+        cfg.name or None,
+        backend=cfg.backend,
+        precision=cfg.precision,
+        device=cfg.device,
+        threads=cfg.threads,
+        scheduler=SchedulerConfig(cfg.max_batch_tokens, cfg.max_batch_size, cfg.max_queued_pairs),
+        limits=Limits(cfg.max_documents, cfg.max_query_chars, cfg.max_document_chars),
+        default_max_length=cfg.max_length,
+    )
+    model.warmup()
+    registry.add_reranker(model)
+    if cfg.dense_encoder or cfg.sparse_encoder:
+        from rerankd.engine import encoders
+
+        if cfg.dense_encoder:
+            enc = encoders.load_dense_encoder(cfg.dense_encoder)
+            registry.dense[enc.info.name] = enc
+        if cfg.sparse_encoder:
+            enc = encoders.load_sparse_encoder(cfg.sparse_encoder)
+            registry.sparse[enc.info.name] = enc
+    return registry
+
+
+class Sidecar:
+    """A running server; `start()` binds and loads, `stop()` drains. Usable in-process."""
+
+    def __init__(self, cfg: ServeConfig, loader: Callable[[ServeConfig], Registry] = load_registry) -> None:
+        self.cfg = cfg
+        self.loader = loader
+        self.registry: Registry | None = None
+        self.service: RerankerService | None = None
+        self.health = health.aio.HealthServicer()
+        self.server: grpc.aio.Server | None = None
+        self.port = 0
+
+    async def start(self) -> None:
+        cfg = self.cfg
+        limit = cfg.max_message_bytes
+        self.server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        placeholder = Registry()
+        self.service = RerankerService(placeholder, cfg.max_documents, cfg.max_document_chars)
+        self.server.add_generic_rpc_handlers((self.service.handler(),))
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        names = (
+            reranker_pb2.DESCRIPTOR.services_by_name["Reranker"].full_name,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        )
+        reflection.enable_server_reflection(names, self.server)
+        for name in ("", SERVICE):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.port = self.server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        if self.port == 0:
+            raise OSError(f"could not bind {cfg.host}:{cfg.port}")
+        await self.server.start()
+        log.info("listening on %s:%d, loading models", cfg.host, self.port)
+        self.registry = await asyncio.get_running_loop().run_in_executor(None, self.loader, cfg)
+        self.service.registry = self.registry
+        self.service.ready = True
+        for name in ("", SERVICE):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("SERVING %s on %s:%d", sorted(self.registry.rerankers), cfg.host, self.port)
+
+    async def stop(self) -> None:
+        await self.health.enter_graceful_shutdown()
+        if self.server is not None:
+            await self.server.stop(self.cfg.grace)
+        if self.registry is not None:
+            self.registry.close()
+        if self.service is not None:
+            self.service.close()
+        log.info("stopped")
+
+
+async def serve(cfg: ServeConfig, ready: Callable[[int], None] | None = None) -> None:
+    """Run until SIGTERM/SIGINT, then drain and return."""
+    sidecar = Sidecar(cfg)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await sidecar.start()
+    print(f"rerankd serving on {cfg.host}:{sidecar.port}", flush=True)
+    if ready:
+        ready(sidecar.port)
+    await stop.wait()
+    log.info("signal received, draining for up to %.1fs", cfg.grace)
+    await sidecar.stop()

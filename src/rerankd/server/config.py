@@ -1,0 +1,101 @@
+"""`rerankd serve` settings: every flag also reads a `RERANKD_*` environment variable.
+
+Precedence: command-line flag > environment variable > default. The table in the README
+is generated from `FLAGS`, so docs and behaviour cannot drift.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+DEFAULT_MODEL = "bundled:all-minilm-l6-v2"
+DEFAULT_DENSE = "bundled:all-minilm-l6-v2"
+DEFAULT_SPARSE = "bundled:splade-tiny"
+
+
+@dataclass(frozen=True)
+class Flag:
+    name: str  # flag without dashes, e.g. "max-documents"
+    type: type
+    default: Any
+    help: str
+
+    @property
+    def env(self) -> str:
+        return "RERANKD_" + self.name.replace("-", "_").upper()
+
+    @property
+    def dest(self) -> str:
+        return self.name.replace("-", "_")
+
+
+FLAGS: tuple[Flag, ...] = (
+    Flag("model", str, DEFAULT_MODEL, "cross-encoder: local folder, hub id or bundled:NAME"),
+    Flag("name", str, "", "name clients use for the model (default: last path component)"),
+    Flag("host", str, "127.0.0.1", "address to bind; 0.0.0.0 only when you mean it"),
+    Flag("port", int, 50051, "gRPC port (0 = pick a free one and print it)"),
+    Flag("backend", str, "auto", "auto | torch | onnx (auto: torch on CUDA, onnx on CPU)"),
+    Flag("precision", str, "auto", "auto | fp32 | bf16 | fp16 | int8"),
+    Flag("device", str, "auto", "auto | cpu | cuda | cuda:N"),
+    Flag("threads", int, 0, "intra-op threads for inference (0 = one per core)"),
+    Flag("max-length", int, 512, "default tokens per (query, document) pair"),
+    Flag("max-documents", int, 1000, "documents per request"),
+    Flag("max-query-chars", int, 8192, "characters per query"),
+    Flag("max-document-chars", int, 100_000, "characters per document"),
+    Flag("max-batch-tokens", int, 4096, "padded tokens per inference batch"),
+    Flag("max-batch-size", int, 32, "pairs per inference batch"),
+    Flag("max-queued-pairs", int, 8192, "pairs waiting before RESOURCE_EXHAUSTED"),
+    Flag("max-message-bytes", int, 32 << 20, "largest gRPC message accepted or sent"),
+    Flag("dense-encoder", str, DEFAULT_DENSE, "dense encoder for Embed ('' to disable)"),
+    Flag("sparse-encoder", str, DEFAULT_SPARSE, "sparse (SPLADE) encoder for Embed ('' to disable)"),
+    Flag("grace", float, 10.0, "seconds to drain in-flight calls on shutdown"),
+    Flag("log-level", str, "INFO", "DEBUG | INFO | WARNING | ERROR"),
+)
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    model: str = DEFAULT_MODEL
+    name: str = ""
+    host: str = "127.0.0.1"
+    port: int = 50051
+    backend: str = "auto"
+    precision: str = "auto"
+    device: str = "auto"
+    threads: int = 0
+    max_length: int = 512
+    max_documents: int = 1000
+    max_query_chars: int = 8192
+    max_document_chars: int = 100_000
+    max_batch_tokens: int = 4096
+    max_batch_size: int = 32
+    max_queued_pairs: int = 8192
+    max_message_bytes: int = 32 << 20
+    dense_encoder: str = DEFAULT_DENSE
+    sparse_encoder: str = DEFAULT_SPARSE
+    grace: float = 10.0
+    log_level: str = "INFO"
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
+    for flag in FLAGS:
+        raw = env.get(flag.env)
+        default = flag.type(raw) if raw is not None else flag.default
+        parser.add_argument(
+            f"--{flag.name}", type=flag.type, default=default,
+            help=f"{flag.help} [env {flag.env}, default {flag.default!r}]",
+        )
+
+
+def parse_serve_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> ServeConfig:
+    parser = argparse.ArgumentParser(prog="rerankd serve")
+    try:
+        add_serve_arguments(parser, os.environ if env is None else env)
+    except ValueError as exc:
+        parser.error(f"bad RERANKD_* environment value: {exc}")
+    ns = parser.parse_args(argv)
+    return ServeConfig(**{f.dest: getattr(ns, f.dest) for f in FLAGS})

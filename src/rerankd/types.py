@@ -1,0 +1,95 @@
+"""Types that travel between rerankd's rooms. Each is defined once, here.
+
+They are plain dataclasses: the engine, the server, the client and the connectors
+all speak them, and only `server/` and `client.py` translate them to the proto.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+
+class Normalization(str, Enum):
+    """How a model's logit becomes the returned score."""
+
+    RAW = "raw"
+    SIGMOID = "sigmoid"
+
+
+@dataclass(frozen=True)
+class Document:
+    """A document to rerank: the caller's id and its text."""
+
+    id: str
+    text: str
+
+
+@dataclass(frozen=True)
+class RerankOptions:
+    """Per-request knobs. `max_length=0` means the model's default."""
+
+    max_length: int = 0
+    normalization: Normalization = Normalization.RAW
+    return_documents: bool = False
+
+
+@dataclass(frozen=True)
+class RerankResult:
+    """One scored document; `index` is its position in the request."""
+
+    index: int
+    id: str
+    score: float
+    text: str | None = None
+
+
+@dataclass
+class Timings:
+    """Where a request's time went, in microseconds."""
+
+    queue_us: int = 0
+    tokenize_us: int = 0
+    inference_us: int = 0
+
+
+@dataclass
+class RerankResponse:
+    """Results best first, with the model used, tokens computed and timings."""
+
+    results: list[RerankResult]
+    model: str
+    tokens: int = 0
+    timings: Timings = field(default_factory=Timings)
+
+
+@dataclass(frozen=True)
+class SparseVector:
+    """A sparse vector: parallel lists of vocabulary indices and weights."""
+
+    indices: list[int]
+    values: list[float]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A first-stage hit as a connector returns it."""
+
+    id: str
+    text: str
+    first_stage_score: float
+    first_stage_rank: int
+    payload: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Hit:
+    """A final hit: the candidate and the score it is ordered by."""
+
+    id: str
+    score: float
+    first_stage_score: float
+    first_stage_rank: int
+    text: str
+    payload: dict[str, Any] = field(default_factory=dict)
