@@ -12,6 +12,7 @@ from pathlib import Path
 
 
 def _serve(argv: Sequence[str]) -> int:
+    from rerankd.errors import RerankdError
     from rerankd.server.app import serve
     from rerankd.server.config import parse_serve_args
 
@@ -19,7 +20,11 @@ def _serve(argv: Sequence[str]) -> int:
     logging.basicConfig(
         level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    asyncio.run(serve(cfg))
+    try:
+        asyncio.run(serve(cfg))
+    except RerankdError as exc:
+        print(f"rerankd serve: error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

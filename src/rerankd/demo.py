@@ -8,13 +8,11 @@ but its scores are not yet meaningful relevance. The demo says so.
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Sequence
 
 from rerankd.client import RerankClient
+from rerankd.server.process import spawn_sidecar
 
 QUERY = "how do vaccines train the immune system?"
 DOCUMENTS = [
@@ -28,28 +26,18 @@ DOCUMENTS = [
 ]
 
 
-def start_sidecar(model: str, port: int, extra: Sequence[str] = ()) -> tuple[subprocess.Popen, int]:
-    """Launch `rerankd serve` as its own process and wait until it prints its port."""
-    cmd = [sys.executable, "-m", "rerankd.cli", "serve", "--model", model, "--port", str(port),
-           "--host", "127.0.0.1", "--log-level", "WARNING", *extra]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=dict(os.environ))
-    assert proc.stdout is not None
-    for line in proc.stdout:  # blocks until the server reports, or exits
-        if line.startswith("rerankd serving on"):
-            return proc, int(line.rsplit(":", 1)[1])
-    raise RuntimeError(f"sidecar exited with code {proc.wait()} before serving")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="rerankd demo")
     p.add_argument("--model", default="bundled:all-minilm-l6-v2")
     ns = p.parse_args(argv)
-    print(f"starting sidecar with {ns.model} (ONNX Runtime int8 on CPU) ...", flush=True)
+    print(f"starting sidecar with {ns.model} ...", flush=True)
     t0 = time.perf_counter()
-    proc, port = start_sidecar(ns.model, 0, ["--dense-encoder", "", "--sparse-encoder", ""])
+    sidecar = spawn_sidecar(
+        ["--model", ns.model, "--log-level", "WARNING", "--dense-encoder", "", "--sparse-encoder", ""]
+    )
     try:
-        print(f"sidecar SERVING on 127.0.0.1:{port} after {time.perf_counter() - t0:.1f}s\n")
-        with RerankClient(f"127.0.0.1:{port}") as client:
+        print(f"sidecar SERVING on {sidecar.address} after {time.perf_counter() - t0:.1f}s\n")
+        with RerankClient(sidecar.address) as client:
             info = client.list_models()[0]
             print(f"model {info.name}: {info.architecture}, {info.num_layers} layers x "
                   f"{info.hidden_size}, {info.backend}/{info.precision}")
@@ -63,6 +51,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\ntokens {resp.tokens}; queue {t.queue_us} us, tokenize {t.tokenize_us} us, "
               f"inference {t.inference_us} us")
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        sidecar.stop()
     return 0

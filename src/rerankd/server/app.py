@@ -102,6 +102,8 @@ class Sidecar:
         log.info("SERVING %s on %s:%d", sorted(self.registry.rerankers), cfg.host, self.port)
 
     async def stop(self) -> None:
+        if self.service is not None:
+            self.service.ready = False
         await self.health.enter_graceful_shutdown()
         if self.server is not None:
             await self.server.stop(self.cfg.grace)
@@ -119,7 +121,11 @@ async def serve(cfg: ServeConfig, ready: Callable[[int], None] | None = None) ->
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await sidecar.start()
+    try:
+        await sidecar.start()
+    except BaseException:
+        await sidecar.stop()
+        raise
     print(f"rerankd serving on {cfg.host}:{sidecar.port}", flush=True)
     if ready:
         ready(sidecar.port)

@@ -1,0 +1,76 @@
+"""Helpers for tests: the shared data sets and tiny random checkpoints."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+
+
+def dataset_dir(name: str) -> Path:
+    """A BEIR-layout data set under ../shared/data, or skip the test where it is absent."""
+    path = DATA / name
+    if not (path / "corpus.jsonl").exists():
+        pytest.skip(f"shared data set {name!r} not found at {path}")
+    return path
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    with path.open(encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def dl19_candidates(n_queries: int = 5, depth: int = 100) -> list[tuple[str, list[tuple[str, str]]]]:
+    """(query text, [(doc id, text)] in BM25 order) for the first DL19 queries of the run."""
+    root = dataset_dir("trec-dl-2019")
+    queries = {q["_id"]: q["text"] for q in read_jsonl(root / "queries.jsonl")}
+    corpus = {d["_id"]: d["text"] for d in read_jsonl(root / "corpus.jsonl")}
+    runs: dict[str, list[str]] = {}
+    for line in (root / "runs" / "bm25.top100.trec").read_text().splitlines():
+        qid, _, did, *_ = line.split()
+        runs.setdefault(qid, []).append(did)
+    out = []
+    for qid in sorted(runs, key=int)[:n_queries]:
+        out.append((queries[qid], [(d, corpus[d]) for d in runs[qid][:depth]]))
+    return out
+
+
+def write_tiny_checkpoint(folder: Path, *, seed: int = 0, layers: int = 2, hidden: int = 32,
+                          heads: int = 2, model_type: str = "bert") -> Path:
+    """A tiny random BERT cross-encoder with the real MiniLM tokenizer: fast unit tests."""
+    import torch
+    from safetensors.torch import save_file
+
+    from rerankd.engine.bundled import backbone_dir
+    from rerankd.engine.models.bert import CrossEncoder
+    from rerankd.engine.models.config import ModelConfig
+
+    raw = {
+        "model_type": model_type,
+        "vocab_size": 30522,
+        "hidden_size": hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "intermediate_size": hidden * 4,
+        "max_position_embeddings": 512,
+        "type_vocab_size": 2 if model_type == "bert" else 1,
+        "layer_norm_eps": 1e-12,
+        "pad_token_id": 0 if model_type == "bert" else 1,
+        "hidden_act": "gelu",
+        "num_labels": 1,
+        "architectures": ["BertForSequenceClassification"],
+    }
+    torch.manual_seed(seed)
+    model = CrossEncoder(ModelConfig.from_dict(raw))
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(raw))
+    shutil.copyfile(backbone_dir("all-minilm-l6-v2") / "tokenizer.json", folder / "tokenizer.json")
+    return folder

@@ -1,0 +1,238 @@
+"""The full gRPC path against a real `rerankd serve` process on 127.0.0.1.
+
+A plain generated stub (what a non-Python service would write from the .proto) reranks
+100 DL19 candidates; health, reflection, bad input, deadlines, backpressure, round-robin,
+the asyncio client and graceful shutdown are all exercised on the real server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import signal
+import socket
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from scipy.stats import spearmanr
+
+from rerankd import AsyncRerankClient, RerankClient
+from rerankd.engine.factory import load_reranker
+from rerankd.errors import InvalidInputError, UnknownModelError
+from rerankd.server.process import spawn_sidecar
+from rerankd.types import Document
+from rerankd.v1 import reranker_pb2 as pb
+from rerankd.v1 import reranker_pb2_grpc as pb_grpc
+
+MODEL = "bundled:all-minilm-l6-v2"
+SERVE_ARGS = ["--model", MODEL, "--max-length", "256", "--max-documents", "200",
+              "--dense-encoder", "", "--sparse-encoder", "", "--log-level", "WARNING"]
+
+
+@pytest.fixture(scope="module")
+def sidecar():
+    proc = spawn_sidecar(SERVE_ARGS)
+    yield proc
+    assert proc.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def stub(sidecar):
+    with grpc.insecure_channel(sidecar.address) as channel:
+        yield pb_grpc.RerankerStub(channel)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_health_reports_serving(sidecar) -> None:
+    with grpc.insecure_channel(sidecar.address) as ch:
+        health = health_pb2_grpc.HealthStub(ch)
+        for service in ("", "rerankd.v1.Reranker"):
+            resp = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+            assert resp.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_reflection_lists_the_service(sidecar) -> None:
+    with grpc.insecure_channel(sidecar.address) as ch:
+        refl = reflection_pb2_grpc.ServerReflectionStub(ch)
+        req = reflection_pb2.ServerReflectionRequest(list_services="")
+        (resp,) = list(refl.ServerReflectionInfo(iter([req]), timeout=5))
+        names = {s.name for s in resp.list_services_response.service}
+        assert {"rerankd.v1.Reranker", "grpc.health.v1.Health"} <= names
+
+
+def test_plain_stub_reranks_100_dl19_candidates(stub, dl19) -> None:
+    query, cands = dl19[0]
+    req = pb.RerankRequest(
+        query=query,
+        documents=[pb.Document(id=i, text=t) for i, t in cands],
+        options=pb.RerankOptions(return_documents=True),
+    )
+    resp = stub.Rerank(req, timeout=60)
+    assert len(resp.results) == 100
+    scores = [r.score for r in resp.results]
+    assert scores == sorted(scores, reverse=True)
+    assert sorted(r.index for r in resp.results) == list(range(100))
+    for r in resp.results:
+        assert (r.id, r.text) == cands[r.index]
+    assert resp.usage.tokens > 100 * 10
+    assert resp.timings.inference_us > 0 and resp.model == "all-minilm-l6-v2"
+    # Same ranking as the in-process fp32 engine on the same weights.
+    ref_model = load_reranker(MODEL, backend="torch", default_max_length=256)
+    try:
+        ref = ref_model.rerank(query, [Document(i, t) for i, t in cands]).results
+    finally:
+        ref_model.close()
+    served = np.array([r.score for r in sorted(resp.results, key=lambda r: r.index)])
+    local = np.array([r.score for r in sorted(ref, key=lambda r: r.index)])
+    assert spearmanr(served, local).statistic >= 0.99
+
+
+def test_top_n_and_list_models(sidecar) -> None:
+    with RerankClient(sidecar.address) as client:
+        resp = client.rerank("q about cats", ["cats", "dogs", "cars", "cats and dogs"], top_n=2)
+        assert len(resp.results) == 2
+        (info,) = client.list_models()
+        assert (info.kind, info.num_layers, info.hidden_size) == ("reranker", 6, 384)
+        assert info.is_default and info.default_max_length == 256 and info.max_length == 512
+
+
+def _raw_call(address: str, payload: bytes) -> grpc.RpcError:
+    with grpc.insecure_channel(address) as ch:
+        call = ch.unary_unary("/rerankd.v1.Reranker/Rerank")  # bytes in, bytes out
+        with pytest.raises(grpc.RpcError) as info:
+            call(payload, timeout=10)
+    return info.value
+
+
+BAD_REQUESTS = {
+    "empty query": (pb.RerankRequest(query="", documents=[pb.Document(text="x")]), "query is empty"),
+    "no documents": (pb.RerankRequest(query="q"), "no documents"),
+    "too many documents": (
+        pb.RerankRequest(query="q", documents=[pb.Document(text="x")] * 201), "limit is 200"),
+    "unknown model": (
+        pb.RerankRequest(query="q", documents=[pb.Document(text="x")], model="nope"),
+        "unknown model 'nope'"),
+    "unknown normalization": (
+        pb.RerankRequest(query="q", documents=[pb.Document(text="x")],
+                         options=pb.RerankOptions(normalization=42)), "unknown normalization"),
+    "max_length too big": (
+        pb.RerankRequest(query="q", documents=[pb.Document(text="x")],
+                         options=pb.RerankOptions(max_length=100_000)), "exceeds the model's limit"),
+    "max_length too small": (
+        pb.RerankRequest(query="q", documents=[pb.Document(text="x")],
+                         options=pb.RerankOptions(max_length=2)), "too small"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_REQUESTS))
+def test_bad_input_is_invalid_argument_and_server_keeps_serving(sidecar, stub, case) -> None:
+    req, message = BAD_REQUESTS[case]
+    err = _raw_call(sidecar.address, req.SerializeToString())
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in err.details()
+    ok = stub.Rerank(pb.RerankRequest(query="q", documents=[pb.Document(text="a")]), timeout=10)
+    assert len(ok.results) == 1
+
+
+def test_text_that_is_not_utf8_is_invalid_argument(sidecar, stub) -> None:
+    # field 1 (query), length-delimited, 2 bytes that are not UTF-8
+    payload = b"\x0a\x02\xff\xfe" + pb.RerankRequest(documents=[pb.Document(text="x")]).SerializeToString()
+    err = _raw_call(sidecar.address, payload)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "UTF-8" in err.details()
+    garbage = _raw_call(sidecar.address, b"\xff\xff\xff\xff")
+    assert garbage.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert len(stub.Rerank(pb.RerankRequest(query="q", documents=[pb.Document(text="a")]), timeout=10).results) == 1
+
+
+def test_python_client_maps_errors(sidecar) -> None:
+    with RerankClient(sidecar.address) as client:
+        with pytest.raises(UnknownModelError, match="nope"):
+            client.rerank("q", ["x"], model="nope")
+        with pytest.raises(InvalidInputError, match="query is empty"):
+            client.rerank("", ["x"])
+
+
+def test_deadline_is_enforced(sidecar, dl19) -> None:
+    query, cands = dl19[1]
+    with RerankClient(sidecar.address) as client, pytest.raises(TimeoutError):
+        client.rerank(query, [t for _, t in cands], timeout=0.001)
+
+
+def test_round_robin_survives_a_dead_address(sidecar) -> None:
+    dead = f"127.0.0.1:{free_port()}"
+    with RerankClient([dead, sidecar.address], retries=3, timeout=10) as client:
+        for _ in range(6):  # every other pick lands on the dead one first
+            assert len(client.rerank("q", ["a", "b"]).results) == 2
+
+
+def test_async_client(sidecar) -> None:
+    async def run() -> list[int]:
+        async with AsyncRerankClient(sidecar.address) as client:
+            resps = await asyncio.gather(
+                *(client.rerank(f"query {i}", [f"doc {j}" for j in range(i + 1)]) for i in range(8))
+            )
+            return [len(r.results) for r in resps]
+
+    assert asyncio.run(run()) == list(range(1, 9))
+
+
+def test_concurrent_callers_get_their_own_results(sidecar, dl19) -> None:
+    """Pooled batching must route every score to its request: compare with single calls."""
+    requests = [(q, [t for _, t in c[:30]]) for q, c in dl19[:4]]
+    with RerankClient(sidecar.address, timeout=60) as client:
+        single = [client.rerank(q, docs) for q, docs in requests]
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            pooled = list(pool.map(lambda qd: client.rerank(*qd), requests * 4))
+    for i, resp in enumerate(pooled):
+        ref = single[i % len(requests)]
+        assert [r.index for r in resp.results] == [r.index for r in ref.results]
+        np.testing.assert_allclose([r.score for r in resp.results], [r.score for r in ref.results], atol=1e-4)
+
+
+def test_full_queue_answers_resource_exhausted(dl19) -> None:
+    proc = spawn_sidecar([*SERVE_ARGS, "--max-queued-pairs", "100"])
+    try:
+        query, cands = dl19[2]
+        docs = [t for _, t in cands]
+        codes = []
+        with grpc.insecure_channel(proc.address) as ch:
+            stub = pb_grpc.RerankerStub(ch)
+            req = pb.RerankRequest(query=query, documents=[pb.Document(text=t) for t in docs])
+            futures = [stub.Rerank.future(req, timeout=120) for _ in range(6)]
+            for f in futures:
+                try:
+                    f.result()
+                    codes.append("OK")
+                except grpc.RpcError as exc:
+                    codes.append(exc.code().name)
+                    assert "queue is full" in exc.details()
+        assert "RESOURCE_EXHAUSTED" in codes and "OK" in codes
+        assert set(codes) <= {"OK", "RESOURCE_EXHAUSTED"}
+    finally:
+        proc.stop()
+
+
+def test_graceful_shutdown_drains_in_flight_calls(dl19) -> None:
+    proc = spawn_sidecar([*SERVE_ARGS, "--grace", "300"])
+    query, cands = dl19[3]
+    docs = [t for _, t in cands]
+    with grpc.insecure_channel(proc.address) as ch:
+        stub = pb_grpc.RerankerStub(ch)
+        req = pb.RerankRequest(query=query, documents=[pb.Document(text=t) for t in docs])
+        futures = [stub.Rerank.future(req, timeout=120) for _ in range(3)]
+        # all three are in the server once the first has been queued; then ask it to stop
+        health = health_pb2_grpc.HealthStub(ch)
+        health.Check(health_pb2.HealthCheckRequest(), timeout=5)
+        proc.proc.send_signal(signal.SIGTERM)
+        results = [f.result() for f in futures]
+    assert all(len(r.results) == 100 for r in results)
+    assert proc.proc.wait(timeout=60) == 0

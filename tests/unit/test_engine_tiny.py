@@ -1,0 +1,122 @@
+"""The engine on tiny random checkpoints: validation, ordering, options, padding invariance."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from rerankd.engine.factory import load_reranker, plan
+from rerankd.engine.limits import Limits
+from rerankd.engine.loading import load_cross_encoder
+from rerankd.errors import InvalidInputError, ModelLoadError
+from rerankd.types import Document, Normalization, RerankOptions
+from tests.helpers import write_tiny_checkpoint
+
+DOCS = [Document(str(i), t) for i, t in enumerate(
+    ["a short one", "a much longer document " * 20, "medium length text about cats", "x"]
+)]
+
+
+@pytest.fixture(scope="module")
+def reranker(tiny_checkpoint: Path):
+    r = load_reranker(str(tiny_checkpoint), "tiny", backend="torch", limits=Limits(max_documents=5))
+    yield r
+    r.close()
+
+
+def test_results_sorted_best_first_with_ids_and_top_n(reranker) -> None:
+    resp = reranker.rerank("cats", DOCS, top_n=3, options=RerankOptions(return_documents=True))
+    scores = [r.score for r in resp.results]
+    assert len(resp.results) == 3
+    assert scores == sorted(scores, reverse=True)
+    for r in resp.results:
+        assert DOCS[r.index].id == r.id and DOCS[r.index].text == r.text
+    full = reranker.rerank("cats", DOCS)
+    assert [r.index for r in full.results][:3] == [r.index for r in resp.results]
+    assert full.tokens > 0 and full.timings.inference_us > 0
+
+
+def test_scores_do_not_depend_on_batch_company(reranker) -> None:
+    alone = {d.id: reranker.rerank("cats", [d]).results[0].score for d in DOCS}
+    together = {r.id: r.score for r in reranker.rerank("cats", DOCS).results}
+    for k in alone:
+        assert math.isclose(alone[k], together[k], rel_tol=1e-4, abs_tol=1e-5)
+
+
+def test_sigmoid_normalisation(reranker) -> None:
+    raw = reranker.rerank("cats", DOCS).results
+    sig = reranker.rerank("cats", DOCS, options=RerankOptions(normalization=Normalization.SIGMOID)).results
+    assert [r.index for r in raw] == [r.index for r in sig]
+    for a, b in zip(raw, sig, strict=True):
+        assert math.isclose(b.score, 1 / (1 + math.exp(-a.score)), rel_tol=1e-5)
+        assert 0 < b.score < 1
+
+
+@pytest.mark.parametrize(
+    ("query", "docs", "top_n", "opts", "message"),
+    [
+        ("", DOCS, 0, RerankOptions(), "query is empty"),
+        ("   ", DOCS, 0, RerankOptions(), "query is empty"),
+        ("q", [], 0, RerankOptions(), "no documents"),
+        ("q", DOCS * 2, 0, RerankOptions(), "limit is 5"),
+        ("q", DOCS, -1, RerankOptions(), "top_n"),
+        ("q", DOCS, 0, RerankOptions(max_length=-3), "max_length must be >= 0"),
+        ("q", DOCS, 0, RerankOptions(max_length=4), "too small"),
+        ("q", DOCS, 0, RerankOptions(max_length=100_000), "exceeds the model's limit"),
+    ],
+)
+def test_bad_input_says_what_to_fix(reranker, query, docs, top_n, opts, message) -> None:
+    with pytest.raises(InvalidInputError, match=message):
+        reranker.rerank(query, docs, top_n=top_n, options=opts)
+
+
+def test_depth_truncation_runs_first_k_layers(tiny_checkpoint: Path) -> None:
+    model = load_cross_encoder(tiny_checkpoint)
+    ids = torch.tensor([[101, 2000, 102, 3000, 102]])
+    mask = torch.ones_like(ids)
+    types = torch.tensor([[0, 0, 0, 1, 1]])
+    full = model(ids, mask, types)
+    assert not torch.allclose(full, model(ids, mask, types, depth=1))
+    assert torch.allclose(full, model(ids, mask, types, depth=2))
+
+
+def test_roberta_family_loads_and_ignores_padding(tmp_path: Path) -> None:
+    folder = write_tiny_checkpoint(tmp_path / "xlmr", model_type="xlm-roberta")
+    model = load_cross_encoder(folder)
+    ids = torch.tensor([[0, 2000, 2, 2, 3000, 2, 1, 1]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1, 0, 0]])
+    padded = model(ids, mask, torch.zeros_like(ids))
+    trimmed = model(ids[:, :6], mask[:, :6], torch.zeros_like(ids[:, :6]))
+    assert torch.allclose(padded, trimmed, atol=1e-5)
+
+
+def test_missing_or_pickled_weights_are_refused(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    (tmp_path / "config.json").write_text((tiny_checkpoint / "config.json").read_text())
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(ModelLoadError, match="safetensors only"):
+        load_cross_encoder(tmp_path)
+
+
+def test_bare_encoder_is_refused_with_a_hint() -> None:
+    from rerankd.engine.bundled import backbone_dir
+
+    with pytest.raises(ModelLoadError, match="convert-backbone"):
+        load_cross_encoder(backbone_dir("all-minilm-l6-v2"))
+
+
+def test_backend_plan() -> None:
+    assert plan("auto", "auto", "cpu") == ("onnx", "int8", "cpu")
+    assert plan("torch", "auto", "cpu") == ("torch", "fp32", "cpu")
+    assert plan("auto", "auto", "cuda") == ("torch", "fp16", "cuda")
+    with pytest.raises(ModelLoadError):
+        plan("onnx", "bf16", "cpu")
+    with pytest.raises(ModelLoadError):
+        plan("tensorrt", "auto", "cpu")
+
+
+def test_unknown_source_is_a_clear_error() -> None:
+    with pytest.raises(ModelLoadError, match="no model folder"):
+        load_reranker("./does/not/exist")
