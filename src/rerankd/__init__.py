@@ -12,7 +12,16 @@ from rerankd.errors import (
     UnavailableError,
     UnknownModelError,
 )
-from rerankd.types import Candidate, Document, Hit, Normalization, RerankOptions, RerankResponse
+from rerankd.search import ahybrid_search, hybrid_search
+from rerankd.types import (
+    Candidate,
+    Document,
+    Hit,
+    Normalization,
+    RerankOptions,
+    RerankResponse,
+    SearchResult,
+)
 
 __version__ = "0.1.0"
 
@@ -31,6 +40,9 @@ __all__ = [
     "RerankOptions",
     "RerankResponse",
     "RerankdError",
+    "SearchResult",
     "UnavailableError",
     "UnknownModelError",
+    "ahybrid_search",
+    "hybrid_search",
 ]

@@ -93,3 +93,23 @@ class Hit:
     first_stage_rank: int
     text: str
     payload: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SearchTimings:
+    """Where a hybrid_search call's time went, in milliseconds."""
+
+    embed_ms: float = 0.0
+    first_stage_ms: float = 0.0
+    rerank_ms: float = 0.0
+
+
+@dataclass
+class SearchResult:
+    """`hybrid_search`'s answer. When `reranked` is False, `reason` says why (fail-open)."""
+
+    hits: list[Hit]
+    reranked: bool
+    reason: str = ""
+    mode: str = "hybrid"
+    timings: SearchTimings = field(default_factory=SearchTimings)

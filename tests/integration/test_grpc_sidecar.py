@@ -30,11 +30,13 @@ from rerankd.v1 import reranker_pb2_grpc as pb_grpc
 MODEL = "bundled:all-minilm-l6-v2"
 SERVE_ARGS = ["--model", MODEL, "--max-length", "256", "--max-documents", "200",
               "--dense-encoder", "", "--sparse-encoder", "", "--log-level", "WARNING"]
+# The main sidecar also serves the bundled dense and sparse encoders behind Embed.
+WITH_ENCODERS = [*SERVE_ARGS[:6], "--log-level", "WARNING"]
 
 
 @pytest.fixture(scope="module")
 def sidecar():
-    proc = spawn_sidecar(SERVE_ARGS)
+    proc = spawn_sidecar(WITH_ENCODERS)
     yield proc
     assert proc.stop() == 0
 
@@ -99,9 +101,36 @@ def test_top_n_and_list_models(sidecar) -> None:
     with RerankClient(sidecar.address) as client:
         resp = client.rerank("q about cats", ["cats", "dogs", "cars", "cats and dogs"], top_n=2)
         assert len(resp.results) == 2
-        (info,) = client.list_models()
+        info, dense, sparse = client.list_models()
         assert (info.kind, info.num_layers, info.hidden_size) == ("reranker", 6, 384)
         assert info.is_default and info.default_max_length == 256 and info.max_length == 512
+        assert (dense.kind, dense.dimension) == ("dense", 384)
+        assert (sparse.kind, sparse.dimension) == ("sparse", 30522)
+
+
+def test_embed_dense_and_sparse_match_in_process_encoders(sidecar) -> None:
+    from rerankd.engine.encoders import load_dense_encoder, load_sparse_encoder
+
+    texts = ["what is the capital of france", "cross-encoders rerank candidates"]
+    with RerankClient(sidecar.address) as client:
+        emb = client.embed(texts, dense=True, sparse=True)
+        only_sparse = client.embed(texts[:1], dense=False, sparse=True)
+    assert emb.dense.shape == (2, 384)
+    np.testing.assert_allclose(np.linalg.norm(emb.dense, axis=1), 1.0, atol=1e-5)
+    ref = load_dense_encoder("bundled:all-minilm-l6-v2").encode(texts)
+    np.testing.assert_allclose(emb.dense, ref, atol=1e-5)
+    ref_sparse = load_sparse_encoder("bundled:splade-tiny").encode(texts[:1])[0]
+    assert emb.sparse[0].indices == ref_sparse.indices
+    np.testing.assert_allclose(emb.sparse[0].values, ref_sparse.values, atol=1e-5)
+    assert only_sparse.dense is None and only_sparse.sparse[0].indices == ref_sparse.indices
+
+
+def test_embed_bad_input(sidecar) -> None:
+    with RerankClient(sidecar.address) as client:
+        with pytest.raises(InvalidInputError, match="texts is empty"):
+            client.embed([])
+        with pytest.raises(UnknownModelError, match="unknown dense encoder"):
+            client.embed(["x"], dense_model="nope")
 
 
 def _raw_call(address: str, payload: bytes) -> grpc.RpcError:

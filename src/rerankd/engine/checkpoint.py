@@ -25,6 +25,10 @@ _HUB_PATTERNS = [
     "*.safetensors",
     "model.safetensors.index.json",
     "rerankd.json",
+    # sentence-transformers layout: pooling mode and max length of dense encoders
+    "modules.json",
+    "sentence_bert_config.json",
+    "1_Pooling/config.json",
 ]
 # Parts of a pretraining checkpoint that a cross-encoder does not use.
 _DROP_PREFIXES = ("cls.", "lm_head.", "pooler.predictions")

@@ -175,17 +175,24 @@ class RerankerService:
         dense = self.registry.encoder("dense", request.dense_model) if want_dense else None
         sparse = self.registry.encoder("sparse", request.sparse_model) if request.sparse else None
         normalize = request.normalize if request.HasField("normalize") else True
-        is_query = request.input_type != pb.INPUT_TYPE_DOCUMENT
+        input_type = "document" if request.input_type == pb.INPUT_TYPE_DOCUMENT else "query"
         loop = asyncio.get_running_loop()
 
-        def work() -> tuple[np.ndarray | None, list | None]:
-            d = dense.encode(texts, normalize=normalize, is_query=is_query) if dense else None
-            s = sparse.encode(texts, is_query=is_query) if sparse else None
-            return d, s
+        def work() -> tuple[np.ndarray | None, list | None, int]:
+            d, s, tokens = None, None, 0
+            if dense:
+                d, n = dense.encode_with_usage(texts, input_type=input_type, normalize=normalize)
+                tokens += n
+            if sparse:
+                s, n = sparse.encode_with_usage(texts, input_type=input_type)
+                tokens += n
+            return d, s, tokens
 
-        d_vecs, s_vecs = await loop.run_in_executor(self.embed_pool, work)
+        d_vecs, s_vecs, tokens = await loop.run_in_executor(self.embed_pool, work)
         out = pb.EmbedResponse(
-            dense_model=dense.name if dense else "", sparse_model=sparse.name if sparse else ""
+            dense_model=dense.info.name if dense else "",
+            sparse_model=sparse.info.name if sparse else "",
+            usage=pb.Usage(tokens=tokens),
         )
         for i in range(len(texts)):
             emb = out.embeddings.add()
