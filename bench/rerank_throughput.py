@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import threading
 import time
@@ -24,9 +23,9 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from rerankd import RerankClient  # noqa: E402
-from rerankd.engine.bundled import resolve_source  # noqa: E402
-from rerankd.server.process import spawn_sidecar  # noqa: E402
+from rerankd import RerankClient
+from rerankd.engine.bundled import resolve_source
+from rerankd.server.process import spawn_sidecar
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "trec-dl-2019"
 SHAPES = {"MiniLM-L6": "bundled:all-minilm-l6-v2", "TinyBERT-L2": "bundled:splade-tiny"}
@@ -75,7 +74,9 @@ def bench_st(source: str, requests: list[tuple[str, list[str]]], max_length: int
     return {"pairs_s": pairs / total, "p50_ms": pct(lat, 50) * 1e3, "p99_ms": pct(lat, 99) * 1e3}
 
 
-def run_clients(address: str, requests: list[tuple[str, list[str]]], clients: int, per_client: int) -> dict:
+def run_clients(
+    address: str, requests: list[tuple[str, list[str]]], clients: int, per_client: int
+) -> dict:
     """`clients` threads, each sending `per_client` requests (cycling); bounded in count."""
     lat: list[float] = []
     lock = threading.Lock()
@@ -106,7 +107,9 @@ def run_clients(address: str, requests: list[tuple[str, list[str]]], clients: in
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--queries", type=int, default=10, help="DL19 queries (100 candidates each)")
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--backend", default="auto")
@@ -126,11 +129,25 @@ def main() -> int:
     for shape in ns.shapes.split(","):
         source = SHAPES[shape]
         st = bench_st(source, requests, ns.max_length)
-        sidecar = spawn_sidecar([
-            "--model", source, "--max-length", str(ns.max_length), "--backend", ns.backend,
-            "--precision", ns.precision, "--dense-encoder", "", "--sparse-encoder", "",
-            "--log-level", "WARNING", *ns.serve_arg,
-        ])
+        sidecar = spawn_sidecar(
+            [
+                "--model",
+                source,
+                "--max-length",
+                str(ns.max_length),
+                "--backend",
+                ns.backend,
+                "--precision",
+                ns.precision,
+                "--dense-encoder",
+                "",
+                "--sparse-encoder",
+                "",
+                "--log-level",
+                "WARNING",
+                *ns.serve_arg,
+            ]
+        )
         try:
             with RerankClient(sidecar.address) as c:
                 info = c.list_models()[0]
@@ -141,24 +158,42 @@ def main() -> int:
         finally:
             sidecar.stop()
         ratio = sweep[levels[0]]["pairs_s"] / st["pairs_s"]
-        report["shapes"][shape] = {"backend": f"{info.backend}/{info.precision}", "st": st,
-                                   "sidecar": sweep, "ratio": ratio}
+        report["shapes"][shape] = {
+            "backend": f"{info.backend}/{info.precision}",
+            "st": st,
+            "sidecar": sweep,
+            "ratio": ratio,
+        }
         rows.append((shape, "sentence-transformers CrossEncoder.predict", 1, st, None))
         for n in levels:
-            rows.append((shape, f"rerankd sidecar ({info.backend} {info.precision}, gRPC)", n, sweep[n],
-                         sweep[n]["pairs_s"] / st["pairs_s"]))
-    print(f"\nDL19 BM25 top-100, {len(requests)} queries, max_length {ns.max_length}, "
-          f"{os.cpu_count()} CPU cores\n")
+            rows.append(
+                (
+                    shape,
+                    f"rerankd sidecar ({info.backend} {info.precision}, gRPC)",
+                    n,
+                    sweep[n],
+                    sweep[n]["pairs_s"] / st["pairs_s"],
+                )
+            )
+    print(
+        f"\nDL19 BM25 top-100, {len(requests)} queries, max_length {ns.max_length}, "
+        f"{os.cpu_count()} CPU cores\n"
+    )
     print("| shape | engine | clients | pairs/s | p50 ms/request | p99 ms/request | x baseline |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for shape, engine, n, m, r in rows:
         ratio = "1.00" if r is None else f"{r:.2f}"
-        print(f"| {shape} | {engine} | {n} | {m['pairs_s']:.0f} | {m['p50_ms']:.0f} | {m['p99_ms']:.0f} | {ratio} |")
+        print(
+            f"| {shape} | {engine} | {n} | {m['pairs_s']:.0f} | {m['p50_ms']:.0f} "
+            f"| {m['p99_ms']:.0f} | {ratio} |"
+        )
     print()
     for shape, data in report["shapes"].items():
         verdict = "meets" if data["ratio"] >= TARGET else "MISSES"
-        print(f"{shape}: single-client ratio {data['ratio']:.2f}x vs sentence-transformers "
-              f"({verdict} the {TARGET:.0f}x target)")
+        print(
+            f"{shape}: single-client ratio {data['ratio']:.2f}x vs sentence-transformers "
+            f"({verdict} the {TARGET:.0f}x target)"
+        )
     if ns.json:
         ns.json.write_text(json.dumps(report, indent=2))
     return 0

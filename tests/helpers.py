@@ -25,7 +25,9 @@ def read_jsonl(path: Path) -> list[dict]:
         return [json.loads(line) for line in fh if line.strip()]
 
 
-def dl19_candidates(n_queries: int = 5, depth: int = 100) -> list[tuple[str, list[tuple[str, str]]]]:
+def dl19_candidates(
+    n_queries: int = 5, depth: int = 100
+) -> list[tuple[str, list[tuple[str, str]]]]:
     """(query text, [(doc id, text)] in BM25 order) for the first DL19 queries of the run."""
     root = dataset_dir("trec-dl-2019")
     queries = {q["_id"]: q["text"] for q in read_jsonl(root / "queries.jsonl")}
@@ -40,8 +42,15 @@ def dl19_candidates(n_queries: int = 5, depth: int = 100) -> list[tuple[str, lis
     return out
 
 
-def write_tiny_checkpoint(folder: Path, *, seed: int = 0, layers: int = 2, hidden: int = 32,
-                          heads: int = 2, model_type: str = "bert") -> Path:
+def write_tiny_checkpoint(
+    folder: Path,
+    *,
+    seed: int = 0,
+    layers: int = 2,
+    hidden: int = 32,
+    heads: int = 2,
+    model_type: str = "bert",
+) -> Path:
     """A tiny random BERT cross-encoder with the real MiniLM tokenizer: fast unit tests."""
     import torch
     from safetensors.torch import save_file
@@ -70,7 +79,10 @@ def write_tiny_checkpoint(folder: Path, *, seed: int = 0, layers: int = 2, hidde
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.2)
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()},
+        str(folder / "model.safetensors"),
+    )
     (folder / "config.json").write_text(json.dumps(raw))
     shutil.copyfile(backbone_dir("all-minilm-l6-v2") / "tokenizer.json", folder / "tokenizer.json")
     return folder

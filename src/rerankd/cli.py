@@ -33,7 +33,7 @@ def _convert(argv: Sequence[str]) -> int:
 
     p = argparse.ArgumentParser(
         prog="rerankd convert-backbone",
-        description="Make a cross-encoder checkpoint from a bare BERT encoder (seeded, untrained head).",
+        description="Make a cross-encoder from a bare BERT encoder (seeded, untrained head).",
     )
     p.add_argument("src", type=Path)
     p.add_argument("dst", type=Path)
@@ -57,7 +57,11 @@ def _rerank(argv: Sequence[str]) -> int:
     with RerankClient(ns.address, timeout=ns.timeout) as client:
         resp = client.rerank(ns.query, ns.documents, top_n=ns.top_n, model=ns.model)
     for r in resp.results:
-        print(json.dumps({"index": r.index, "score": round(r.score, 6), "text": ns.documents[r.index]}))
+        print(
+            json.dumps(
+                {"index": r.index, "score": round(r.score, 6), "text": ns.documents[r.index]}
+            )
+        )
     return 0
 
 

@@ -9,10 +9,11 @@ channel each; a `dns:///` target with grpc's own `round_robin` policy also works
 from __future__ import annotations
 
 import asyncio
-import itertools
+import contextlib
 import random
+import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -96,7 +97,9 @@ def build_rerank_request(
     try:
         norm = _NORM[Normalization(normalization)]
     except ValueError:
-        raise InvalidInputError(f"normalization must be 'raw' or 'sigmoid', got {normalization!r}") from None
+        raise InvalidInputError(
+            f"normalization must be 'raw' or 'sigmoid', got {normalization!r}"
+        ) from None
     if top_n < 0 or max_length < 0:
         raise InvalidInputError("top_n and max_length must be >= 0")
     return pb.RerankRequest(
@@ -123,19 +126,33 @@ def parse_rerank(resp: pb.RerankResponse, return_documents: bool) -> RerankRespo
 
 
 def build_embed_request(
-    texts: Sequence[str], dense: bool, sparse: bool, input_type: str, dense_model: str,
-    sparse_model: str, normalize: bool,
+    texts: Sequence[str],
+    dense: bool,
+    sparse: bool,
+    input_type: str,
+    dense_model: str,
+    sparse_model: str,
+    normalize: bool,
 ) -> pb.EmbedRequest:
     if input_type not in _INPUT:
         raise InvalidInputError(f"input_type must be 'query' or 'document', got {input_type!r}")
     return pb.EmbedRequest(
-        texts=list(texts), dense=dense, sparse=sparse, input_type=_INPUT[input_type],
-        dense_model=dense_model, sparse_model=sparse_model, normalize=normalize,
+        texts=list(texts),
+        dense=dense,
+        sparse=sparse,
+        input_type=_INPUT[input_type],
+        dense_model=dense_model,
+        sparse_model=sparse_model,
+        normalize=normalize,
     )
 
 
 def parse_embed(resp: pb.EmbedResponse, dense: bool, sparse: bool) -> Embeddings:
-    d = np.array([list(e.dense.values) for e in resp.embeddings], dtype=np.float32) if dense else None
+    d = (
+        np.array([list(e.dense.values) for e in resp.embeddings], dtype=np.float32)
+        if dense
+        else None
+    )
     s = (
         [SparseVector(list(e.sparse.indices), list(e.sparse.values)) for e in resp.embeddings]
         if sparse
@@ -152,9 +169,20 @@ def parse_models(resp: pb.ListModelsResponse) -> list[ModelInfo]:
     }
     return [
         ModelInfo(
-            m.name, kinds.get(m.kind, "unknown"), m.source, m.architecture, m.num_layers,
-            m.hidden_size, m.num_heads, m.max_length, m.default_max_length, m.backend,
-            m.precision, m.device, m.is_default, m.dimension,
+            m.name,
+            kinds.get(m.kind, "unknown"),
+            m.source,
+            m.architecture,
+            m.num_layers,
+            m.hidden_size,
+            m.num_heads,
+            m.max_length,
+            m.default_max_length,
+            m.backend,
+            m.precision,
+            m.device,
+            m.is_default,
+            m.dimension,
         )
         for m in resp.models
     ]
@@ -187,9 +215,9 @@ def _channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.lb_policy_name", "round_robin"),
-        # Reconnect quickly after a sidecar restart instead of backing off for seconds.
+        # Reconnect quickly after a sidecar restart instead of backing off for up to 120 s.
+        # (Not min_reconnect_backoff_ms: C-core also uses it as the connect timeout.)
         ("grpc.initial_reconnect_backoff_ms", 100),
-        ("grpc.min_reconnect_backoff_ms", 100),
         ("grpc.max_reconnect_backoff_ms", 1000),
     ]
 
@@ -197,17 +225,27 @@ def _channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
 class _Policy:
     """Round-robin over channels plus the retry schedule, shared by both clients."""
 
-    def __init__(self, n: int, timeout: float, retries: int, backoff: float, max_backoff: float) -> None:
+    def __init__(
+        self, n: int, timeout: float, retries: int, backoff: float, max_backoff: float
+    ) -> None:
         if timeout <= 0:
             raise ValueError("timeout must be > 0 seconds: every call has a deadline")
         self.timeout = timeout
         self.retries = retries
         self.backoff = backoff
         self.max_backoff = max_backoff
-        self._next = itertools.cycle(range(n))
+        self._n = n
+        self._i = -1
+        self._lock = threading.Lock()
 
     def pick(self) -> int:
-        return next(self._next)
+        with self._lock:
+            self._i = (self._i + 1) % self._n
+            return self._i
+
+    def peek(self) -> int:
+        """The channel the next pick will return (for the backoff wait)."""
+        return (self._i + 1) % self._n
 
     def delay(self, attempt: int) -> float:
         base = min(self.max_backoff, self.backoff * (2**attempt))
@@ -231,7 +269,8 @@ class RerankClient:
         self.addresses = _addresses(addresses)
         opts = _channel_options(max_message_bytes)
         self._channels = [
-            grpc.secure_channel(a, credentials, options=opts) if credentials
+            grpc.secure_channel(a, credentials, options=opts)
+            if credentials
             else grpc.insecure_channel(a, options=opts)
             for a in self.addresses
         ]
@@ -243,17 +282,21 @@ class RerankClient:
         deadline = time.monotonic() + timeout
         attempt = 0
         while True:
-            stub = self._stubs[self._policy.pick()]
+            k = self._policy.pick()
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise DeadlineExceededError(f"{method}: deadline of {timeout:.3f}s passed")
             try:
-                return getattr(stub, method)(request, timeout=remaining)
+                return getattr(self._stubs[k], method)(request, timeout=remaining)
             except grpc.RpcError as exc:
                 if exc.code() != grpc.StatusCode.UNAVAILABLE or attempt >= self._policy.retries:
                     raise error_from(exc) from None
-            pause = min(self._policy.delay(attempt), max(0.0, deadline - time.monotonic()))
-            time.sleep(pause)  # backoff between retries, not synchronisation
+            # Back off, but come back as soon as the next channel is connected: a channel
+            # in TRANSIENT_FAILURE only reconnects when asked, which this wait does.
+            wait = min(self._policy.delay(attempt), max(0.0, deadline - time.monotonic()))
+            nxt = self._channels[self._policy.peek()]
+            with contextlib.suppress(grpc.FutureTimeoutError):
+                grpc.channel_ready_future(nxt).result(timeout=wait)
             attempt += 1
 
     def rerank(
@@ -269,7 +312,9 @@ class RerankClient:
         timeout: float | None = None,
     ) -> RerankResponse:
         """Documents best first. `documents`: strings (ids are positions), Documents, (id, text)."""
-        req = build_rerank_request(query, documents, top_n, model, max_length, normalization, return_documents)
+        req = build_rerank_request(
+            query, documents, top_n, model, max_length, normalization, return_documents
+        )
         return parse_rerank(self._invoke("Rerank", req, timeout), return_documents)
 
     def embed(
@@ -284,7 +329,9 @@ class RerankClient:
         normalize: bool = True,
         timeout: float | None = None,
     ) -> Embeddings:
-        req = build_embed_request(texts, dense, sparse, input_type, dense_model, sparse_model, normalize)
+        req = build_embed_request(
+            texts, dense, sparse, input_type, dense_model, sparse_model, normalize
+        )
         return parse_embed(self._invoke("Embed", req, timeout), dense or not sparse, sparse)
 
     def list_models(self, timeout: float | None = None) -> list[ModelInfo]:
@@ -318,7 +365,8 @@ class AsyncRerankClient:
         self.addresses = _addresses(addresses)
         opts = _channel_options(max_message_bytes)
         self._channels = [
-            grpc.aio.secure_channel(a, credentials, options=opts) if credentials
+            grpc.aio.secure_channel(a, credentials, options=opts)
+            if credentials
             else grpc.aio.insecure_channel(a, options=opts)
             for a in self.addresses
         ]
@@ -330,16 +378,19 @@ class AsyncRerankClient:
         deadline = time.monotonic() + timeout
         attempt = 0
         while True:
-            stub = self._stubs[self._policy.pick()]
+            k = self._policy.pick()
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise DeadlineExceededError(f"{method}: deadline of {timeout:.3f}s passed")
             try:
-                return await getattr(stub, method)(request, timeout=remaining)
+                return await getattr(self._stubs[k], method)(request, timeout=remaining)
             except grpc.RpcError as exc:
                 if exc.code() != grpc.StatusCode.UNAVAILABLE or attempt >= self._policy.retries:
                     raise error_from(exc) from None
-            await asyncio.sleep(min(self._policy.delay(attempt), max(0.0, deadline - time.monotonic())))
+            wait = min(self._policy.delay(attempt), max(0.0, deadline - time.monotonic()))
+            nxt = self._channels[self._policy.peek()]
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(nxt.channel_ready(), wait)
             attempt += 1
 
     async def rerank(
@@ -354,7 +405,9 @@ class AsyncRerankClient:
         return_documents: bool = False,
         timeout: float | None = None,
     ) -> RerankResponse:
-        req = build_rerank_request(query, documents, top_n, model, max_length, normalization, return_documents)
+        req = build_rerank_request(
+            query, documents, top_n, model, max_length, normalization, return_documents
+        )
         return parse_rerank(await self._invoke("Rerank", req, timeout), return_documents)
 
     async def embed(
@@ -369,7 +422,9 @@ class AsyncRerankClient:
         normalize: bool = True,
         timeout: float | None = None,
     ) -> Embeddings:
-        req = build_embed_request(texts, dense, sparse, input_type, dense_model, sparse_model, normalize)
+        req = build_embed_request(
+            texts, dense, sparse, input_type, dense_model, sparse_model, normalize
+        )
         return parse_embed(await self._invoke("Embed", req, timeout), dense or not sparse, sparse)
 
     async def list_models(self, timeout: float | None = None) -> list[ModelInfo]:

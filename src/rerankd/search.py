@@ -41,8 +41,12 @@ def default_client() -> RerankClient:
 
 
 def _plan(
-    connector: Connector, query: str | Sequence[float], query_text: str | None, mode: str,
-    top_k: int, candidates: int,
+    connector: Connector,
+    query: str | Sequence[float],
+    query_text: str | None,
+    mode: str,
+    top_k: int,
+    candidates: int,
 ) -> tuple[str | None, Sequence[float] | None, bool, bool]:
     """Validate arguments; return (text, ready vector, need dense embed, need sparse embed)."""
     if mode not in MODES:
@@ -67,7 +71,10 @@ def _plan(
 
 
 def _first_stage_query(
-    text: str | None, mode: str, vector: Sequence[float] | None, emb: Embeddings | None,
+    text: str | None,
+    mode: str,
+    vector: Sequence[float] | None,
+    emb: Embeddings | None,
     dense_asked: bool,
 ) -> FirstStageQuery:
     dense = vector
@@ -80,9 +87,7 @@ def _first_stage_query(
     return FirstStageQuery(text=text or "", mode=mode, dense=dense, sparse=sparse)  # type: ignore[arg-type]
 
 
-def _merge(
-    cands: list[Candidate], resp: RerankResponse | None, top_k: int
-) -> list[Hit]:
+def _merge(cands: list[Candidate], resp: RerankResponse | None, top_k: int) -> list[Hit]:
     def hit(c: Candidate, score: float) -> Hit:
         return Hit(c.id, score, c.first_stage_score, c.first_stage_rank, c.text, c.payload)
 
@@ -120,7 +125,12 @@ def _embed_fallback(
     exc: RerankdError, connector: Connector, mode: str, text: str | None, fail_open: bool
 ) -> tuple[str, str]:
     """The sidecar could not embed the query: use the DB's own text search where it has one."""
-    if not fail_open or isinstance(exc, InvalidInputError) or connector.needs_sparse or text is None:
+    if (
+        not fail_open
+        or isinstance(exc, InvalidInputError)
+        or connector.needs_sparse
+        or text is None
+    ):
         raise exc
     return "sparse", f"embed failed ({type(exc).__name__}: {exc}); first stage fell back to BM25"
 
@@ -149,15 +159,22 @@ def hybrid_search(
     If embedding the query fails and the DB has native BM25 (Milvus, Weaviate), the first
     stage falls back to it (fail-open); with learned sparse vectors (Qdrant) it raises.
     """
-    text, vector, need_dense, need_sparse = _plan(connector, query, query_text, mode, top_k, candidates)
+    text, vector, need_dense, need_sparse = _plan(
+        connector, query, query_text, mode, top_k, candidates
+    )
     client = client or default_client()
     deadline = time.monotonic() + timeout if timeout else None
     timings, emb, notes = SearchTimings(), None, []
     if need_dense or need_sparse:
         t0 = time.perf_counter()
         try:
-            emb = client.embed([text or ""], dense=need_dense, sparse=need_sparse,
-                               input_type="query", timeout=_remaining(deadline))
+            emb = client.embed(
+                [text or ""],
+                dense=need_dense,
+                sparse=need_sparse,
+                input_type="query",
+                timeout=_remaining(deadline),
+            )
         except RerankdError as exc:
             mode, note = _embed_fallback(exc, connector, mode, text, fail_open)
             notes.append(note)
@@ -173,12 +190,19 @@ def hybrid_search(
     else:
         t0 = time.perf_counter()
         try:
-            resp = client.rerank(text or "", [(c.id, c.text) for c in cands], model=model or "",
-                                 max_length=max_length, timeout=_remaining(deadline))
+            resp = client.rerank(
+                text or "",
+                [(c.id, c.text) for c in cands],
+                model=model or "",
+                max_length=max_length,
+                timeout=_remaining(deadline),
+            )
         except RerankdError as exc:
             notes.append(_fail_open_reason(exc, fail_open))
         timings.rerank_ms = (time.perf_counter() - t0) * 1e3
-    return SearchResult(_merge(cands, resp, top_k), resp is not None, "; ".join(notes), mode, timings)
+    return SearchResult(
+        _merge(cands, resp, top_k), resp is not None, "; ".join(notes), mode, timings
+    )
 
 
 async def ahybrid_search(
@@ -199,14 +223,21 @@ async def ahybrid_search(
     max_length: int = 0,
 ) -> SearchResult:
     """The asyncio twin of `hybrid_search`; the DB call runs in a worker thread."""
-    text, vector, need_dense, need_sparse = _plan(connector, query, query_text, mode, top_k, candidates)
+    text, vector, need_dense, need_sparse = _plan(
+        connector, query, query_text, mode, top_k, candidates
+    )
     deadline = time.monotonic() + timeout if timeout else None
     timings, emb, notes = SearchTimings(), None, []
     if need_dense or need_sparse:
         t0 = time.perf_counter()
         try:
-            emb = await client.embed([text or ""], dense=need_dense, sparse=need_sparse,
-                                     input_type="query", timeout=_remaining(deadline))
+            emb = await client.embed(
+                [text or ""],
+                dense=need_dense,
+                sparse=need_sparse,
+                input_type="query",
+                timeout=_remaining(deadline),
+            )
         except RerankdError as exc:
             mode, note = _embed_fallback(exc, connector, mode, text, fail_open)
             notes.append(note)
@@ -224,10 +255,16 @@ async def ahybrid_search(
     else:
         t0 = time.perf_counter()
         try:
-            resp = await client.rerank(text or "", [(c.id, c.text) for c in cands],
-                                       model=model or "", max_length=max_length,
-                                       timeout=_remaining(deadline))
+            resp = await client.rerank(
+                text or "",
+                [(c.id, c.text) for c in cands],
+                model=model or "",
+                max_length=max_length,
+                timeout=_remaining(deadline),
+            )
         except RerankdError as exc:
             notes.append(_fail_open_reason(exc, fail_open))
         timings.rerank_ms = (time.perf_counter() - t0) * 1e3
-    return SearchResult(_merge(cands, resp, top_k), resp is not None, "; ".join(notes), mode, timings)
+    return SearchResult(
+        _merge(cands, resp, top_k), resp is not None, "; ".join(notes), mode, timings
+    )

@@ -28,8 +28,20 @@ from rerankd.v1 import reranker_pb2 as pb
 from rerankd.v1 import reranker_pb2_grpc as pb_grpc
 
 MODEL = "bundled:all-minilm-l6-v2"
-SERVE_ARGS = ["--model", MODEL, "--max-length", "256", "--max-documents", "200",
-              "--dense-encoder", "", "--sparse-encoder", "", "--log-level", "WARNING"]
+SERVE_ARGS = [
+    "--model",
+    MODEL,
+    "--max-length",
+    "256",
+    "--max-documents",
+    "200",
+    "--dense-encoder",
+    "",
+    "--sparse-encoder",
+    "",
+    "--log-level",
+    "WARNING",
+]
 # The main sidecar also serves the bundled dense and sparse encoders behind Embed.
 WITH_ENCODERS = [*SERVE_ARGS[:6], "--log-level", "WARNING"]
 
@@ -142,22 +154,39 @@ def _raw_call(address: str, payload: bytes) -> grpc.RpcError:
 
 
 BAD_REQUESTS = {
-    "empty query": (pb.RerankRequest(query="", documents=[pb.Document(text="x")]), "query is empty"),
+    "empty query": (
+        pb.RerankRequest(query="", documents=[pb.Document(text="x")]),
+        "query is empty",
+    ),
     "no documents": (pb.RerankRequest(query="q"), "no documents"),
     "too many documents": (
-        pb.RerankRequest(query="q", documents=[pb.Document(text="x")] * 201), "limit is 200"),
+        pb.RerankRequest(query="q", documents=[pb.Document(text="x")] * 201),
+        "limit is 200",
+    ),
     "unknown model": (
         pb.RerankRequest(query="q", documents=[pb.Document(text="x")], model="nope"),
-        "unknown model 'nope'"),
+        "unknown model 'nope'",
+    ),
     "unknown normalization": (
-        pb.RerankRequest(query="q", documents=[pb.Document(text="x")],
-                         options=pb.RerankOptions(normalization=42)), "unknown normalization"),
+        pb.RerankRequest(
+            query="q", documents=[pb.Document(text="x")], options=pb.RerankOptions(normalization=42)
+        ),
+        "unknown normalization",
+    ),
     "max_length too big": (
-        pb.RerankRequest(query="q", documents=[pb.Document(text="x")],
-                         options=pb.RerankOptions(max_length=100_000)), "exceeds the model's limit"),
+        pb.RerankRequest(
+            query="q",
+            documents=[pb.Document(text="x")],
+            options=pb.RerankOptions(max_length=100_000),
+        ),
+        "exceeds the model's limit",
+    ),
     "max_length too small": (
-        pb.RerankRequest(query="q", documents=[pb.Document(text="x")],
-                         options=pb.RerankOptions(max_length=2)), "too small"),
+        pb.RerankRequest(
+            query="q", documents=[pb.Document(text="x")], options=pb.RerankOptions(max_length=2)
+        ),
+        "too small",
+    ),
 }
 
 
@@ -173,13 +202,23 @@ def test_bad_input_is_invalid_argument_and_server_keeps_serving(sidecar, stub, c
 
 def test_text_that_is_not_utf8_is_invalid_argument(sidecar, stub) -> None:
     # field 1 (query), length-delimited, 2 bytes that are not UTF-8
-    payload = b"\x0a\x02\xff\xfe" + pb.RerankRequest(documents=[pb.Document(text="x")]).SerializeToString()
+    payload = (
+        b"\x0a\x02\xff\xfe"
+        + pb.RerankRequest(documents=[pb.Document(text="x")]).SerializeToString()
+    )
     err = _raw_call(sidecar.address, payload)
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "UTF-8" in err.details()
     garbage = _raw_call(sidecar.address, b"\xff\xff\xff\xff")
     assert garbage.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert len(stub.Rerank(pb.RerankRequest(query="q", documents=[pb.Document(text="a")]), timeout=10).results) == 1
+    assert (
+        len(
+            stub.Rerank(
+                pb.RerankRequest(query="q", documents=[pb.Document(text="a")]), timeout=10
+            ).results
+        )
+        == 1
+    )
 
 
 def test_python_client_maps_errors(sidecar) -> None:
@@ -224,7 +263,9 @@ def test_concurrent_callers_get_their_own_results(sidecar, dl19) -> None:
     for i, resp in enumerate(pooled):
         ref = single[i % len(requests)]
         assert [r.index for r in resp.results] == [r.index for r in ref.results]
-        np.testing.assert_allclose([r.score for r in resp.results], [r.score for r in ref.results], atol=1e-4)
+        np.testing.assert_allclose(
+            [r.score for r in resp.results], [r.score for r in ref.results], atol=1e-4
+        )
 
 
 def test_full_queue_answers_resource_exhausted(dl19) -> None:

@@ -39,8 +39,9 @@ def test_bf16_on_cpu_keeps_the_ranking(dl19) -> None:
     docs = [Document(i, t) for i, t in cands]
     scores = {}
     for precision in ("fp32", "bf16"):
-        r = load_reranker("bundled:all-minilm-l6-v2", backend="torch", precision=precision,
-                          default_max_length=256)
+        r = load_reranker(
+            "bundled:all-minilm-l6-v2", backend="torch", precision=precision, default_max_length=256
+        )
         try:
             res = r.rerank(query, docs).results
         finally:
@@ -55,8 +56,13 @@ def test_cuda_fp16_matches_fp32(dl19) -> None:
     docs = [Document(i, t) for i, t in cands]
     out = {}
     for precision, device in (("fp32", "cpu"), ("fp16", "cuda")):
-        r = load_reranker("bundled:all-minilm-l6-v2", backend="torch", precision=precision,
-                          device=device, default_max_length=256)
+        r = load_reranker(
+            "bundled:all-minilm-l6-v2",
+            backend="torch",
+            precision=precision,
+            device=device,
+            default_max_length=256,
+        )
         try:
             res = r.rerank(query, docs).results
         finally:

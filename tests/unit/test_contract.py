@@ -11,7 +11,9 @@ from tests.helpers import REPO
 def test_committed_stubs_match_proto() -> None:
     res = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "gen_proto.py"), "--check"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert res.returncode == 0, res.stderr
 

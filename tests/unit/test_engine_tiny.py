@@ -15,9 +15,12 @@ from rerankd.errors import InvalidInputError, ModelLoadError
 from rerankd.types import Document, Normalization, RerankOptions
 from tests.helpers import write_tiny_checkpoint
 
-DOCS = [Document(str(i), t) for i, t in enumerate(
-    ["a short one", "a much longer document " * 20, "medium length text about cats", "x"]
-)]
+DOCS = [
+    Document(str(i), t)
+    for i, t in enumerate(
+        ["a short one", "a much longer document " * 20, "medium length text about cats", "x"]
+    )
+]
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +51,9 @@ def test_scores_do_not_depend_on_batch_company(reranker) -> None:
 
 def test_sigmoid_normalisation(reranker) -> None:
     raw = reranker.rerank("cats", DOCS).results
-    sig = reranker.rerank("cats", DOCS, options=RerankOptions(normalization=Normalization.SIGMOID)).results
+    sig = reranker.rerank(
+        "cats", DOCS, options=RerankOptions(normalization=Normalization.SIGMOID)
+    ).results
     assert [r.index for r in raw] == [r.index for r in sig]
     for a, b in zip(raw, sig, strict=True):
         assert math.isclose(b.score, 1 / (1 + math.exp(-a.score)), rel_tol=1e-5)

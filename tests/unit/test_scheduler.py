@@ -65,7 +65,9 @@ def test_scores_are_routed_to_their_own_requests() -> None:
     rng = np.random.default_rng(0)
     jobs = []
     for _ in range(20):
-        pairs = [pair(*rng.integers(1, 50, size=rng.integers(1, 30))) for _ in range(rng.integers(1, 12))]
+        pairs = [
+            pair(*rng.integers(1, 50, size=rng.integers(1, 30))) for _ in range(rng.integers(1, 12))
+        ]
         jobs.append((pairs, sched.submit(pairs)))
     for pairs, fut in jobs:
         res = fut.result(timeout=10)

@@ -7,7 +7,9 @@ from rerankd.engine.tokenize import PairEncoder, collate, load_tokenizer
 
 
 def encoder() -> PairEncoder:
-    return PairEncoder(load_tokenizer(backbone_dir("all-minilm-l6-v2")), 512, zero_token_types=False)
+    return PairEncoder(
+        load_tokenizer(backbone_dir("all-minilm-l6-v2")), 512, zero_token_types=False
+    )
 
 
 def test_pair_layout_and_token_types() -> None:

@@ -19,7 +19,12 @@ from rerankd.engine.checkpoint import read_weights
 from rerankd.engine.models.config import ModelConfig
 from rerankd.errors import ModelLoadError
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+)
 
 
 def _init_linear(out_f: int, in_f: int, gen: torch.Generator, std: float) -> tuple:
@@ -32,7 +37,9 @@ def backbone_to_cross_encoder(src: Path, dst: Path, seed: int = 0) -> Path:
     raw = json.loads((src / "config.json").read_text())
     cfg = ModelConfig.from_dict(raw)
     if cfg.family != "bert":
-        raise ModelLoadError(f"convert-backbone supports BERT-family encoders, not {cfg.model_type}")
+        raise ModelLoadError(
+            f"convert-backbone supports BERT-family encoders, not {cfg.model_type}"
+        )
     weights = read_weights(src)
     out: dict[str, torch.Tensor] = {}
     for name, t in weights.items():
@@ -44,7 +51,9 @@ def backbone_to_cross_encoder(src: Path, dst: Path, seed: int = 0) -> Path:
     std = float(raw.get("initializer_range", 0.02))
     h = cfg.hidden_size
     if "bert.pooler.dense.weight" not in out:
-        out["bert.pooler.dense.weight"], out["bert.pooler.dense.bias"] = _init_linear(h, h, gen, std)
+        out["bert.pooler.dense.weight"], out["bert.pooler.dense.bias"] = _init_linear(
+            h, h, gen, std
+        )
     out["classifier.weight"], out["classifier.bias"] = _init_linear(1, h, gen, std)
 
     dst.mkdir(parents=True, exist_ok=True)

@@ -362,9 +362,7 @@ class SparseEncoder(_TextEncoder):
 
         `input_type` only selects the prefix (none for the bundled encoders).
         """
-        return self.encode_with_usage(
-            texts, input_type=input_type, batch_size=batch_size
-        )[0]
+        return self.encode_with_usage(texts, input_type=input_type, batch_size=batch_size)[0]
 
     def encode_with_usage(
         self,

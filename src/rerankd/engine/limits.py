@@ -23,7 +23,11 @@ class Limits:
 
 
 def validate_rerank(
-    query: str, documents: list[Document], top_n: int, options: RerankOptions, limits: Limits,
+    query: str,
+    documents: list[Document],
+    top_n: int,
+    options: RerankOptions,
+    limits: Limits,
     model_max_length: int,
 ) -> None:
     """Raise InvalidInputError saying what to fix; return None when the request is sound."""
@@ -61,6 +65,4 @@ def validate_rerank(
             f"max_length {ml} exceeds the model's limit of {model_max_length} tokens"
         )
     if not isinstance(options.normalization, Normalization):
-        raise InvalidInputError(
-            f"normalization must be one of {[n.value for n in Normalization]}"
-        )
+        raise InvalidInputError(f"normalization must be one of {[n.value for n in Normalization]}")

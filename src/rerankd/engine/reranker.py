@@ -77,14 +77,23 @@ class Reranker:
     def info(self) -> RerankerInfo:
         b = self.backend.info
         return RerankerInfo(
-            self.name, self.source, self.config, b.name, b.precision, b.device,
+            self.name,
+            self.source,
+            self.config,
+            b.name,
+            b.precision,
+            b.device,
             self.default_max_length,
         )
 
-    def validate(self, query: str, documents: list[Document], top_n: int, options: RerankOptions) -> None:
+    def validate(
+        self, query: str, documents: list[Document], top_n: int, options: RerankOptions
+    ) -> None:
         validate_rerank(query, documents, top_n, options, self.limits, self.config.max_length)
 
-    def encode(self, query: str, documents: list[Document], options: RerankOptions) -> list[EncodedPair]:
+    def encode(
+        self, query: str, documents: list[Document], options: RerankOptions
+    ) -> list[EncodedPair]:
         max_length = options.max_length or self.default_max_length
         return self.encoder.encode(query, [d.text for d in documents], max_length)
 

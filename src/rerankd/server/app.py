@@ -58,7 +58,9 @@ def load_registry(cfg: ServeConfig) -> Registry:
 class Sidecar:
     """A running server; `start()` binds and loads, `stop()` drains. Usable in-process."""
 
-    def __init__(self, cfg: ServeConfig, loader: Callable[[ServeConfig], Registry] = load_registry) -> None:
+    def __init__(
+        self, cfg: ServeConfig, loader: Callable[[ServeConfig], Registry] = load_registry
+    ) -> None:
         self.cfg = cfg
         self.loader = loader
         self.registry: Registry | None = None

@@ -51,7 +51,9 @@ FLAGS: tuple[Flag, ...] = (
     Flag("max-queued-pairs", int, 8192, "pairs waiting before RESOURCE_EXHAUSTED"),
     Flag("max-message-bytes", int, 32 << 20, "largest gRPC message accepted or sent"),
     Flag("dense-encoder", str, DEFAULT_DENSE, "dense encoder for Embed ('' to disable)"),
-    Flag("sparse-encoder", str, DEFAULT_SPARSE, "sparse (SPLADE) encoder for Embed ('' to disable)"),
+    Flag(
+        "sparse-encoder", str, DEFAULT_SPARSE, "sparse (SPLADE) encoder for Embed ('' to disable)"
+    ),
     Flag("grace", float, 10.0, "seconds to drain in-flight calls on shutdown"),
     Flag("log-level", str, "INFO", "DEBUG | INFO | WARNING | ERROR"),
 )
@@ -86,12 +88,16 @@ def add_serve_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str])
         raw = env.get(flag.env)
         default = flag.type(raw) if raw is not None else flag.default
         parser.add_argument(
-            f"--{flag.name}", type=flag.type, default=default,
+            f"--{flag.name}",
+            type=flag.type,
+            default=default,
             help=f"{flag.help} [env {flag.env}, default {flag.default!r}]",
         )
 
 
-def parse_serve_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> ServeConfig:
+def parse_serve_args(
+    argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
+) -> ServeConfig:
     parser = argparse.ArgumentParser(prog="rerankd serve")
     try:
         add_serve_arguments(parser, os.environ if env is None else env)

@@ -107,7 +107,9 @@ def _deadline(context: grpc.aio.ServicerContext) -> float | None:
 class RerankerService:
     """Implements the three RPCs over a `Registry`; `ready` gates them during start-up."""
 
-    def __init__(self, registry: Registry, max_texts: int = 1000, max_text_chars: int = 100_000) -> None:
+    def __init__(
+        self, registry: Registry, max_texts: int = 1000, max_text_chars: int = 100_000
+    ) -> None:
         self.registry = registry
         self.ready = False
         self.max_texts = max_texts
@@ -116,7 +118,12 @@ class RerankerService:
         # One thread: encoders are torch modules called one batch at a time.
         self.embed_pool = ThreadPoolExecutor(1, thread_name_prefix="rerankd-embed")
 
-    async def _call(self, request: Any, context: grpc.aio.ServicerContext, body: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]) -> Any:
+    async def _call(
+        self,
+        request: Any,
+        context: grpc.aio.ServicerContext,
+        body: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]],
+    ) -> Any:
         if isinstance(request, Undecodable):
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
@@ -135,16 +142,24 @@ class RerankerService:
                 log.exception("internal error")
             await context.abort(code, str(exc))
 
-    async def Rerank(self, request: pb.RerankRequest, context: grpc.aio.ServicerContext) -> pb.RerankResponse:  # noqa: N802
+    async def Rerank(
+        self, request: pb.RerankRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RerankResponse:
         return await self._call(request, context, self._rerank)
 
-    async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:  # noqa: N802
+    async def Embed(
+        self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext
+    ) -> pb.EmbedResponse:
         return await self._call(request, context, self._embed)
 
-    async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:  # noqa: N802
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListModelsResponse:
         return await self._call(request, context, self._list_models)
 
-    async def _rerank(self, request: pb.RerankRequest, context: grpc.aio.ServicerContext) -> pb.RerankResponse:
+    async def _rerank(
+        self, request: pb.RerankRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RerankResponse:
         model = self.registry.reranker(request.model)
         options = options_from_proto(request.options)
         documents = [Document(d.id, d.text) for d in request.documents]
@@ -156,9 +171,13 @@ class RerankerService:
         )
         tokenize_s = time.perf_counter() - t0
         result = await asyncio.wrap_future(model.submit(pairs, _deadline(context)))
-        return response_to_proto(model.finish(documents, result, request.top_n, options, tokenize_s))
+        return response_to_proto(
+            model.finish(documents, result, request.top_n, options, tokenize_s)
+        )
 
-    async def _embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
+    async def _embed(
+        self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext
+    ) -> pb.EmbedResponse:
         texts = list(request.texts)
         if not texts:
             raise InvalidInputError("texts is empty; send at least one text to embed")
@@ -203,18 +222,31 @@ class RerankerService:
                 emb.sparse.values.extend(s_vecs[i].values)
         return out
 
-    async def _list_models(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
+    async def _list_models(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListModelsResponse:
         reg = self.registry
-        models = [reranker_info(m, name == reg.default_reranker) for name, m in reg.rerankers.items()]
+        models = [
+            reranker_info(m, name == reg.default_reranker) for name, m in reg.rerankers.items()
+        ]
         for kind, table in (("dense", reg.dense), ("sparse", reg.sparse)):
             for j, enc in enumerate(table.values()):
                 i = enc.info
                 models.append(
                     pb.ModelInfo(
-                        name=i.name, kind=_KIND[kind], source=i.source, architecture="bert",
-                        num_layers=i.num_layers, hidden_size=i.hidden_size, num_heads=i.num_heads,
-                        max_length=i.max_length, default_max_length=i.max_length,
-                        backend="torch", precision="fp32", device="cpu", is_default=j == 0,
+                        name=i.name,
+                        kind=_KIND[kind],
+                        source=i.source,
+                        architecture="bert",
+                        num_layers=i.num_layers,
+                        hidden_size=i.hidden_size,
+                        num_heads=i.num_heads,
+                        max_length=i.max_length,
+                        default_max_length=i.max_length,
+                        backend="torch",
+                        precision="fp32",
+                        device="cpu",
+                        is_default=j == 0,
                         dimension=i.dimension,
                     )
                 )
