@@ -26,13 +26,29 @@ class Document:
     text: str
 
 
+class LongDocs(str, Enum):
+    """What to do with a document longer than the room left after the query."""
+
+    MAX = "max"  # score overlapping windows, keep the best (the document is read whole)
+    TRUNCATE = "truncate"  # score the first window only
+
+
 @dataclass(frozen=True)
 class RerankOptions:
-    """Per-request knobs. `max_length=0` means the model's default."""
+    """Per-request knobs; a 0 means "the server's default" for every numeric field.
+
+    `depth` runs only the first k encoder layers (Matryoshka-style cost control).
+    `long_docs`, `window_overlap` (tokens shared by consecutive windows) and
+    `max_doc_tokens` (a per-document cap on the tokens scored) govern long documents.
+    """
 
     max_length: int = 0
     normalization: Normalization = Normalization.RAW
     return_documents: bool = False
+    depth: int = 0
+    long_docs: LongDocs = LongDocs.MAX
+    window_overlap: int = 0
+    max_doc_tokens: int = 0
 
 
 @dataclass(frozen=True)

@@ -125,3 +125,53 @@ def test_backend_plan() -> None:
 def test_unknown_source_is_a_clear_error() -> None:
     with pytest.raises(ModelLoadError, match="no model folder"):
         load_reranker("./does/not/exist")
+
+
+def _scores(resp) -> dict[str, float]:
+    return {r.id: r.score for r in resp.results}
+
+
+def test_long_document_scores_the_max_of_its_windows(tiny_checkpoint: Path) -> None:
+    from rerankd.types import LongDocs
+
+    r = load_reranker(str(tiny_checkpoint), backend="torch", default_max_length=32)
+    try:
+        words = ["alpha", "beta", "gamma", "delta", "cat", "dog"]
+        doc = " ".join(words[(i * 7) % 6] for i in range(120))  # single-token words
+        opts = RerankOptions(window_overlap=4)
+        encoded = r.encode("cats", [Document("d", doc)], opts)
+        assert len(encoded.pairs) > 2
+        tok = r.encoder.tokenizer
+        windows = [tok.decode(p.input_ids[3:-1].tolist()) for p in encoded.pairs]
+        as_docs = [Document(str(i), w) for i, w in enumerate(windows)]
+        separately = _scores(r.rerank("cats", as_docs, options=opts))
+        whole = r.rerank("cats", [Document("d", doc)], options=opts)
+        assert math.isclose(whole.results[0].score, max(separately.values()), abs_tol=1e-5)
+        assert whole.tokens == sum(len(p) for p in encoded.pairs)  # usage counts all windows
+        first = r.rerank(
+            "cats", [Document("d", doc)], options=RerankOptions(long_docs=LongDocs.TRUNCATE)
+        )
+        assert math.isclose(first.results[0].score, separately["0"], abs_tol=1e-5)
+    finally:
+        r.close()
+
+
+def test_depth_option_equals_truncated_forward(tiny_checkpoint: Path) -> None:
+    r = load_reranker(str(tiny_checkpoint), backend="torch")
+    model = load_cross_encoder(tiny_checkpoint)
+    try:
+        doc = Document("d", "a medium length text about cats")
+        shallow = r.rerank("cats", [doc], options=RerankOptions(depth=1)).results[0].score
+        full = r.rerank("cats", [doc]).results[0].score
+        (pair,) = r.encode("cats", [doc], RerankOptions()).pairs
+        ids = torch.from_numpy(pair.input_ids)[None]
+        types = torch.from_numpy(pair.token_type_ids)[None]
+        with torch.inference_mode():
+            ref = model(ids, torch.ones_like(ids), types, depth=1).item()
+        assert math.isclose(shallow, ref, abs_tol=1e-5)
+        assert not math.isclose(shallow, full, abs_tol=1e-4)
+        for bad in (-1, 3):
+            with pytest.raises(InvalidInputError, match="depth"):
+                r.rerank("cats", [doc], options=RerankOptions(depth=bad))
+    finally:
+        r.close()

@@ -28,9 +28,11 @@ class SumBackendDouble(Backend):
         self.batches: list[tuple[int, int]] = []  # (rows, width)
         self.gate: threading.Event | None = None
         self.entered = threading.Event()
+        self.depths: list[int | None] = []
 
-    def score(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+    def score(self, batch: dict[str, np.ndarray], depth: int | None = None) -> np.ndarray:
         self.entered.set()
+        self.depths.append(depth)
         if self.gate is not None:
             self.gate.wait(timeout=10)
         self.batches.append(batch["input_ids"].shape)
@@ -125,11 +127,11 @@ def test_backend_failure_fails_jobs_not_the_worker() -> None:
     class Failing(SumBackendDouble):
         calls = 0
 
-        def score(self, batch):  # type: ignore[override]
+        def score(self, batch, depth=None):  # type: ignore[override]
             Failing.calls += 1
             if Failing.calls == 1:
                 raise RuntimeError("boom")
-            return super().score(batch)
+            return super().score(batch, depth)
 
     sched = Scheduler(Failing(), 0, SchedulerConfig(), "t")
     with pytest.raises(Exception, match="inference failed: boom"):
@@ -149,3 +151,19 @@ def test_close_drains_queued_work() -> None:
     backend.gate.set()
     closer.join(10)
     assert [f.result(0).scores[0] for f in futs] == [1, 2, 3]
+
+
+def test_jobs_at_different_depths_never_share_a_batch() -> None:
+    backend = SumBackendDouble()
+    backend.gate = threading.Event()
+    sched = Scheduler(backend, 0, SchedulerConfig(max_batch_size=64), "t")
+    blocker = sched.submit([pair(1)])
+    assert backend.entered.wait(5)
+    shallow = [sched.submit([pair(i)], depth=2) for i in range(1, 4)]
+    full = [sched.submit([pair(i)]) for i in range(1, 4)]
+    backend.gate.set()
+    blocker.result(5)
+    assert [f.result(5).scores[0] for f in shallow + full] == [1, 2, 3, 1, 2, 3]
+    sched.close()
+    assert sorted(backend.depths[1:], key=str) == [2, None]
+    assert backend.batches[1:] == [(3, 1), (3, 1)]

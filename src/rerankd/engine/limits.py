@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass
 
 from rerankd.errors import InvalidInputError
-from rerankd.types import Document, Normalization, RerankOptions
+from rerankd.types import Document, LongDocs, Normalization, RerankOptions
 
 
 @dataclass(frozen=True)
@@ -20,6 +20,8 @@ class Limits:
     max_documents: int = 1000
     max_query_chars: int = 8192
     max_document_chars: int = 100_000
+    # Tokens read per document when long documents are windowed (bounds cost per document).
+    max_doc_tokens: int = 4096
 
 
 def validate_rerank(
@@ -29,6 +31,7 @@ def validate_rerank(
     options: RerankOptions,
     limits: Limits,
     model_max_length: int,
+    num_layers: int,
 ) -> None:
     """Raise InvalidInputError saying what to fix; return None when the request is sound."""
     if not query or not query.strip():
@@ -66,3 +69,15 @@ def validate_rerank(
         )
     if not isinstance(options.normalization, Normalization):
         raise InvalidInputError(f"normalization must be one of {[n.value for n in Normalization]}")
+    if not isinstance(options.long_docs, LongDocs):
+        raise InvalidInputError(f"long_docs must be one of {[v.value for v in LongDocs]}")
+    if options.depth < 0 or options.depth > num_layers:
+        raise InvalidInputError(
+            f"depth {options.depth} is outside 1..{num_layers} for this model (0 = all layers)"
+        )
+    if options.window_overlap < 0:
+        raise InvalidInputError(f"window_overlap must be >= 0 tokens, got {options.window_overlap}")
+    if options.max_doc_tokens < 0:
+        raise InvalidInputError(
+            f"max_doc_tokens must be >= 0 (0 = the server default), got {options.max_doc_tokens}"
+        )

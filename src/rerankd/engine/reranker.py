@@ -19,9 +19,10 @@ from rerankd.engine.backends.base import Backend
 from rerankd.engine.limits import Limits, validate_rerank
 from rerankd.engine.models.config import ModelConfig
 from rerankd.engine.scheduler import JobResult, Scheduler, SchedulerConfig
-from rerankd.engine.tokenize import EncodedPair, PairEncoder
+from rerankd.engine.tokenize import EncodedRequest, PairEncoder
 from rerankd.types import (
     Document,
+    LongDocs,
     Normalization,
     RerankOptions,
     RerankResponse,
@@ -32,6 +33,8 @@ from rerankd.types import (
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_LENGTH = 512
+# Tokens consecutive windows of a long document share, so no passage is cut at a seam.
+DEFAULT_WINDOW_OVERLAP = 32
 
 
 @dataclass(frozen=True)
@@ -89,16 +92,50 @@ class Reranker:
     def validate(
         self, query: str, documents: list[Document], top_n: int, options: RerankOptions
     ) -> None:
-        validate_rerank(query, documents, top_n, options, self.limits, self.config.max_length)
+        validate_rerank(
+            query,
+            documents,
+            top_n,
+            options,
+            self.limits,
+            self.config.max_length,
+            self.config.num_layers,
+        )
 
     def encode(
         self, query: str, documents: list[Document], options: RerankOptions
-    ) -> list[EncodedPair]:
-        max_length = options.max_length or self.default_max_length
-        return self.encoder.encode(query, [d.text for d in documents], max_length)
+    ) -> EncodedRequest:
+        """Tokenize (CPU-bound; the server runs it off its event loop)."""
+        encoded = self.encoder.encode(
+            query,
+            [d.text for d in documents],
+            options.max_length or self.default_max_length,
+            windows=options.long_docs == LongDocs.MAX,
+            overlap=options.window_overlap or DEFAULT_WINDOW_OVERLAP,
+            max_doc_tokens=options.max_doc_tokens or self.limits.max_doc_tokens,
+        )
+        encoded.depth = options.depth or None
+        return encoded
 
-    def submit(self, pairs: list[EncodedPair], deadline: float | None) -> Future[JobResult]:
-        return self.scheduler.submit(pairs, deadline)
+    def submit(self, encoded: EncodedRequest, deadline: float | None) -> Future[JobResult]:
+        """Queue for scoring; the future yields one score per document (max over windows)."""
+        inner = self.scheduler.submit(encoded.pairs, deadline, depth=encoded.depth)
+        if len(encoded.pairs) == encoded.num_documents:
+            return inner  # no document was split: pair k is document k
+        outer: Future[JobResult] = Future()
+
+        def fold(done: Future[JobResult]) -> None:
+            exc = done.exception()
+            if exc is not None:
+                outer.set_exception(exc)
+                return
+            res = done.result()
+            per_doc = np.full(encoded.num_documents, -np.inf, dtype=np.float32)
+            np.maximum.at(per_doc, np.asarray(encoded.owners), res.scores)
+            outer.set_result(JobResult(per_doc, res.queue_s, res.inference_s, res.tokens))
+
+        inner.add_done_callback(fold)
+        return outer
 
     def finish(
         self,
@@ -148,9 +185,9 @@ class Reranker:
         self.validate(query, documents, top_n, options)
         deadline = time.monotonic() + timeout if timeout else None
         t0 = time.perf_counter()
-        pairs = self.encode(query, documents, options)
+        encoded = self.encode(query, documents, options)
         tokenize_s = time.perf_counter() - t0
-        result = self.submit(pairs, deadline).result()
+        result = self.submit(encoded, deadline).result()
         return self.finish(documents, result, top_n, options, tokenize_s)
 
     def warmup(self) -> None:

@@ -53,6 +53,7 @@ class _Job:
     deadline: float | None
     future: Future[JobResult]
     enqueued: float
+    depth: int | None = None
     scores: np.ndarray = field(init=False)
     remaining: int = field(init=False)
     started: float = 0.0
@@ -102,8 +103,13 @@ class Scheduler:
     def queued_pairs(self) -> int:
         return self._queued_pairs
 
-    def submit(self, pairs: list[EncodedPair], deadline: float | None = None) -> Future[JobResult]:
-        """Queue a job; `deadline` is a `time.monotonic()` instant or None."""
+    def submit(
+        self, pairs: list[EncodedPair], deadline: float | None = None, depth: int | None = None
+    ) -> Future[JobResult]:
+        """Queue a job; `deadline` is a `time.monotonic()` instant or None.
+
+        Jobs at different `depth`s (None = all layers) share the queue but never a batch.
+        """
         future: Future[JobResult] = Future()
         if not pairs:
             future.set_result(JobResult(np.zeros(0, np.float32), 0.0, 0.0, 0))
@@ -116,7 +122,7 @@ class Scheduler:
                     f"model {self.name!r} queue is full ({self._queued_pairs} pairs queued, "
                     f"limit {self.config.max_queued_pairs}); retry later or on another replica"
                 )
-            self._queue.append(_Job(pairs, deadline, future, time.monotonic()))
+            self._queue.append(_Job(pairs, deadline, future, time.monotonic(), depth))
             self._queued_pairs += len(pairs)
             self._cond.notify()
         return future
@@ -167,15 +173,23 @@ class Scheduler:
                 continue
             job.started = now
             live.append(job)
-        refs = [(job, i) for job in live for i in range(len(job.pairs))]
+        by_depth: dict[int | None, list[_Job]] = {}
+        for job in live:
+            by_depth.setdefault(job.depth, []).append(job)
+        for depth, group in by_depth.items():
+            self._run_group(group, depth)
+
+    def _run_group(self, jobs: list[_Job], depth: int | None) -> None:
+        refs = [(job, i) for job in jobs for i in range(len(job.pairs))]
         lengths = [len(job.pairs[i]) for job, i in refs]
         for batch in pack(lengths, self.config.max_batch_tokens, self.config.max_batch_size):
             members = [refs[k] for k in batch]
             members = [(job, i) for job, i in members if not job.future.done()]
             if not members:
                 continue
+            inputs = collate([job.pairs[i] for job, i in members], self.pad_id)
             t0 = time.perf_counter()
-            scores = self.backend.score(collate([job.pairs[i] for job, i in members], self.pad_id))
+            scores = self.backend.score(inputs, depth=depth)
             spent = time.perf_counter() - t0
             self.batches_run += 1
             for (job, i), score in zip(members, scores, strict=True):

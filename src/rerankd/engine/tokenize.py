@@ -50,6 +50,24 @@ def load_tokenizer(folder: Path) -> Tokenizer:
     return tok
 
 
+@dataclass
+class EncodedRequest:
+    """The pairs of one request, and for each pair the document it belongs to.
+
+    A long document contributes several pairs (its windows); `owners[k]` is the index of
+    the document that pair k was cut from, so scores can be folded back per document.
+    """
+
+    pairs: list[EncodedPair]
+    owners: list[int]
+    num_documents: int
+    depth: int | None = None
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(p) for p in self.pairs)
+
+
 class PairEncoder:
     """Encodes (query, documents) into model inputs under a token budget per pair."""
 
@@ -61,19 +79,47 @@ class PairEncoder:
         if model_max_length <= self.special_tokens + 2:
             raise ModelLoadError(f"model max length {model_max_length} leaves no room for text")
 
-    def encode(self, query: str, documents: list[str], max_length: int) -> list[EncodedPair]:
+    def encode(
+        self,
+        query: str,
+        documents: list[str],
+        max_length: int,
+        *,
+        windows: bool = False,
+        overlap: int = 0,
+        max_doc_tokens: int = 0,
+    ) -> EncodedRequest:
+        """Pairs for every document: one (truncated), or with `windows` one per window.
+
+        Windows hold `doc_room` document tokens each and share `overlap` tokens with the
+        previous one; `max_doc_tokens` (0 = no cap) bounds the tokens read per document.
+        """
         max_length = min(max_length, self.model_max_length)
         q = self.tokenizer.encode(query, add_special_tokens=False)
         query_room = int(max_length * _MAX_QUERY_SHARE)
         if len(q.ids) > query_room:
             q.truncate(query_room)
         doc_room = max_length - self.special_tokens - len(q.ids)
+        overlap = min(max(overlap, 0), doc_room // 2)
         docs = self.tokenizer.encode_batch(documents, add_special_tokens=False)
-        return [self._pair(q, d, doc_room) for d in docs]
+        pairs: list[EncodedPair] = []
+        owners: list[int] = []
+        for i, d in enumerate(docs):
+            for part in self._parts(d, doc_room, windows, overlap, max_doc_tokens):
+                pairs.append(self._pair(q, part))
+                owners.append(i)
+        return EncodedRequest(pairs, owners, len(documents))
 
-    def _pair(self, q: Encoding, d: Encoding, doc_room: int) -> EncodedPair:
-        if len(d.ids) > doc_room:
-            d.truncate(doc_room)
+    @staticmethod
+    def _parts(d: Encoding, doc_room: int, windows: bool, overlap: int, cap: int) -> list[Encoding]:
+        if cap and len(d.ids) > cap:
+            d.truncate(cap)  # the tail past the cap is dropped, not windowed
+        if len(d.ids) <= doc_room:
+            return [d]
+        d.truncate(doc_room, stride=overlap if windows else 0)
+        return [d, *d.overflowing] if windows else [d]
+
+    def _pair(self, q: Encoding, d: Encoding) -> EncodedPair:
         enc = self.tokenizer.post_process(q, d, add_special_tokens=True)
         ids = np.asarray(enc.ids, dtype=np.int64)
         types = (

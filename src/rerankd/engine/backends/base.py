@@ -27,8 +27,11 @@ class Backend(ABC):
     info: BackendInfo
 
     @abstractmethod
-    def score(self, batch: dict[str, np.ndarray]) -> np.ndarray:
-        """Logits, shape (batch,), float32, for `input_ids`/`attention_mask`/`token_type_ids`."""
+    def score(self, batch: dict[str, np.ndarray], depth: int | None = None) -> np.ndarray:
+        """Logits, shape (batch,), float32, for `input_ids`/`attention_mask`/`token_type_ids`.
+
+        `depth` runs only the first k encoder layers (None = all of them).
+        """
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release sessions or device memory."""

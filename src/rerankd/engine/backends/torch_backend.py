@@ -25,8 +25,8 @@ class TorchBackend(Backend):
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
         self.info = BackendInfo("torch", precision, str(self.device))
 
-    def score(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+    def score(self, batch: dict[str, np.ndarray], depth: int | None = None) -> np.ndarray:
         inputs = {k: torch.from_numpy(v).to(self.device) for k, v in batch.items()}
         with torch.inference_mode():
-            logits = self.model(**inputs)
+            logits = self.model(**inputs, depth=depth)
         return logits.float().cpu().numpy()
