@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 from rerankd.engine.bundled import backbone_dir
 from rerankd.engine.tokenize import PairEncoder, collate, load_tokenizer
 
@@ -67,7 +69,7 @@ def test_long_documents_become_overlapping_windows() -> None:
     room = 32 - 3 - 1  # specials and the one query token
     bodies = [w.input_ids[3:-1].tolist() for w in windows]
     assert all(len(b) == room for b in bodies[:-1])
-    for prev, nxt in zip(bodies, bodies[1:]):
+    for prev, nxt in itertools.pairwise(bodies):
         assert prev[-6:] == nxt[:6]  # consecutive windows share `overlap` tokens
     full = enc.tokenizer.encode(doc, add_special_tokens=False).ids
     assert bodies[-1][-1] == full[-1]  # the whole document is read
