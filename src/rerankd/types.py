@@ -78,6 +78,7 @@ class RerankResponse:
     model: str
     tokens: int = 0
     timings: Timings = field(default_factory=Timings)
+    cache_hits: int = 0
 
 
 @dataclass(frozen=True)

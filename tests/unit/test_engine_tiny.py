@@ -139,7 +139,7 @@ def test_long_document_scores_the_max_of_its_windows(tiny_checkpoint: Path) -> N
         words = ["alpha", "beta", "gamma", "delta", "cat", "dog"]
         doc = " ".join(words[(i * 7) % 6] for i in range(120))  # single-token words
         opts = RerankOptions(window_overlap=4)
-        encoded = r.encode("cats", [Document("d", doc)], opts)
+        encoded = r.encode("cats", [Document("d", doc)], opts).encoded
         assert len(encoded.pairs) > 2
         tok = r.encoder.tokenizer
         windows = [tok.decode(p.input_ids[3:-1].tolist()) for p in encoded.pairs]
@@ -163,7 +163,7 @@ def test_depth_option_equals_truncated_forward(tiny_checkpoint: Path) -> None:
         doc = Document("d", "a medium length text about cats")
         shallow = r.rerank("cats", [doc], options=RerankOptions(depth=1)).results[0].score
         full = r.rerank("cats", [doc]).results[0].score
-        (pair,) = r.encode("cats", [doc], RerankOptions()).pairs
+        (pair,) = r.encode("cats", [doc], RerankOptions()).encoded.pairs
         ids = torch.from_numpy(pair.input_ids)[None]
         types = torch.from_numpy(pair.token_type_ids)[None]
         with torch.inference_mode():
@@ -175,3 +175,24 @@ def test_depth_option_equals_truncated_forward(tiny_checkpoint: Path) -> None:
                 r.rerank("cats", [doc], options=RerankOptions(depth=bad))
     finally:
         r.close()
+
+
+def test_score_cache_is_exact_and_reports_hits(tiny_checkpoint: Path) -> None:
+    from rerankd.engine.cache import CacheConfig
+
+    plain = load_reranker(str(tiny_checkpoint), backend="torch")
+    cached = load_reranker(str(tiny_checkpoint), backend="torch", cache=CacheConfig(max_entries=3))
+    try:
+        ref = _scores(plain.rerank("cats", DOCS))
+        first = cached.rerank("cats", DOCS)
+        assert first.cache_hits == 0 and _scores(first) == pytest.approx(ref, abs=1e-6)
+        assert len(cached.cache) == 3  # bounded: the oldest entry was evicted
+        again = cached.rerank("cats", DOCS)
+        assert again.cache_hits == 3
+        assert again.tokens < first.tokens  # only the evicted document was recomputed
+        assert _scores(again) == pytest.approx(ref, abs=1e-6)
+        other = cached.rerank("cats", DOCS, options=RerankOptions(depth=1))
+        assert other.cache_hits == 0  # options that change scores are part of the key
+    finally:
+        plain.close()
+        cached.close()

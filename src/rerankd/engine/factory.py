@@ -10,6 +10,8 @@ import logging
 
 from rerankd.engine.backends.base import Backend
 from rerankd.engine.bundled import resolve_source
+from rerankd.engine.cache import CacheConfig
+from rerankd.engine.checkpoint import fingerprint
 from rerankd.engine.limits import Limits
 from rerankd.engine.loading import load_config, load_cross_encoder
 from rerankd.engine.reranker import DEFAULT_MAX_LENGTH, Reranker
@@ -62,6 +64,7 @@ def load_reranker(
     scheduler: SchedulerConfig | None = None,
     limits: Limits | None = None,
     default_max_length: int = DEFAULT_MAX_LENGTH,
+    cache: CacheConfig | None = None,
 ) -> Reranker:
     """Load `source` (`bundled:NAME`, a folder or a hub id) behind the chosen backend."""
     folder = resolve_source(source)
@@ -91,6 +94,8 @@ def load_reranker(
         scheduler=scheduler,
         limits=limits,
         default_max_length=default_max_length,
+        cache=cache,
+        fingerprint=fingerprint(folder) if cache and cache.max_entries else "",
     )
 
 

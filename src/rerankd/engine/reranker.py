@@ -19,6 +19,7 @@ from rerankd.engine.backends.base import Backend
 from rerankd.engine.limits import Limits, validate_rerank
 from rerankd.engine.models.config import ModelConfig
 from rerankd.engine.scheduler import JobResult, Scheduler, SchedulerConfig
+from rerankd.engine.cache import CacheConfig, ScoreCache
 from rerankd.engine.tokenize import EncodedRequest, PairEncoder
 from rerankd.types import (
     Document,
@@ -35,6 +36,23 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_LENGTH = 512
 # Tokens consecutive windows of a long document share, so no passage is cut at a seam.
 DEFAULT_WINDOW_OVERLAP = 32
+
+
+@dataclass
+class PreparedRequest:
+    """A request ready to score: the pairs to compute and the scores already known.
+
+    `todo[j]` is the request index of the j-th encoded document; `known` holds cached
+    scores by request index; `keys` are the cache keys of every document (empty when the
+    cache is off).
+    """
+
+    encoded: EncodedRequest
+    todo: list[int]
+    known: dict[int, float]
+    keys: list[bytes]
+    total: int
+    depth: int | None
 
 
 @dataclass(frozen=True)
@@ -63,6 +81,8 @@ class Reranker:
         scheduler: SchedulerConfig | None = None,
         limits: Limits | None = None,
         default_max_length: int = DEFAULT_MAX_LENGTH,
+        cache: CacheConfig | None = None,
+        fingerprint: str = "",
     ) -> None:
         self.name = name
         self.source = source
@@ -72,6 +92,8 @@ class Reranker:
         self.backend = backend
         self.limits = limits or Limits()
         self.default_max_length = min(default_max_length, config.max_length)
+        self.cache = ScoreCache(cache or CacheConfig())
+        self.fingerprint = fingerprint or str(folder)
         self.scheduler = Scheduler(
             backend, config.pad_token_id, scheduler or SchedulerConfig(), name
         )
@@ -104,24 +126,46 @@ class Reranker:
 
     def encode(
         self, query: str, documents: list[Document], options: RerankOptions
-    ) -> EncodedRequest:
-        """Tokenize (CPU-bound; the server runs it off its event loop)."""
+    ) -> PreparedRequest:
+        """Look up cached scores, tokenize the rest (CPU-bound: run off the event loop)."""
+        known: dict[int, float] = {}
+        keys: list[bytes] = []
+        if self.cache.enabled:
+            keys = self.cache.keys(self._cache_scope(options), query, [d.text for d in documents])
+            known = self.cache.get_many(keys)
+        todo = [i for i in range(len(documents)) if i not in known]
         encoded = self.encoder.encode(
             query,
-            [d.text for d in documents],
+            [documents[i].text for i in todo],
             options.max_length or self.default_max_length,
             windows=options.long_docs == LongDocs.MAX,
             overlap=options.window_overlap or DEFAULT_WINDOW_OVERLAP,
             max_doc_tokens=options.max_doc_tokens or self.limits.max_doc_tokens,
         )
-        encoded.depth = options.depth or None
-        return encoded
+        return PreparedRequest(encoded, todo, known, keys, len(documents), options.depth or None)
 
-    def submit(self, encoded: EncodedRequest, deadline: float | None) -> Future[JobResult]:
-        """Queue for scoring; the future yields one score per document (max over windows)."""
-        inner = self.scheduler.submit(encoded.pairs, deadline, depth=encoded.depth)
-        if len(encoded.pairs) == encoded.num_documents:
-            return inner  # no document was split: pair k is document k
+    def _cache_scope(self, options: RerankOptions) -> str:
+        """Everything a raw score depends on besides the query and document text."""
+        return "|".join(
+            str(x)
+            for x in (
+                self.name,
+                self.fingerprint,
+                options.max_length or self.default_max_length,
+                options.depth or self.config.num_layers,
+                options.long_docs.value,
+                options.window_overlap or DEFAULT_WINDOW_OVERLAP,
+                options.max_doc_tokens or self.limits.max_doc_tokens,
+            )
+        )
+
+    def submit(self, prepared: PreparedRequest, deadline: float | None) -> Future[JobResult]:
+        """Queue for scoring; the future yields one raw score per document of the request.
+
+        Windows of a long document fold into its maximum; cached scores fill in the rest,
+        and fresh scores are stored in the cache.
+        """
+        enc = prepared.encoded
         outer: Future[JobResult] = Future()
 
         def fold(done: Future[JobResult]) -> None:
@@ -130,11 +174,23 @@ class Reranker:
                 outer.set_exception(exc)
                 return
             res = done.result()
-            per_doc = np.full(encoded.num_documents, -np.inf, dtype=np.float32)
-            np.maximum.at(per_doc, np.asarray(encoded.owners), res.scores)
-            outer.set_result(JobResult(per_doc, res.queue_s, res.inference_s, res.tokens))
+            fresh = np.full(len(prepared.todo), -np.inf, dtype=np.float32)
+            if enc.pairs:
+                np.maximum.at(fresh, np.asarray(enc.owners), res.scores)
+            scores = np.empty(prepared.total, dtype=np.float32)
+            scores[prepared.todo] = fresh
+            for i, v in prepared.known.items():
+                scores[i] = v
+            if prepared.keys:
+                fresh_items = [
+                    (prepared.keys[i], float(fresh[j])) for j, i in enumerate(prepared.todo)
+                ]
+                self.cache.put_many(fresh_items)
+            outer.set_result(
+                JobResult(scores, res.queue_s, res.inference_s, res.tokens, len(prepared.known))
+            )
 
-        inner.add_done_callback(fold)
+        self.scheduler.submit(enc.pairs, deadline, depth=prepared.depth).add_done_callback(fold)
         return outer
 
     def finish(
@@ -165,6 +221,7 @@ class Reranker:
             results=results,
             model=self.name,
             tokens=result.tokens,
+            cache_hits=result.cache_hits,
             timings=Timings(
                 queue_us=int(result.queue_s * 1e6),
                 tokenize_us=int(tokenize_s * 1e6),

@@ -45,6 +45,7 @@ class JobResult:
     queue_s: float
     inference_s: float
     tokens: int
+    cache_hits: int = 0
 
 
 @dataclass
