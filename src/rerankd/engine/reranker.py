@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 
 from rerankd.engine.backends.base import Backend
+from rerankd.engine.cache import CacheConfig, ScoreCache
 from rerankd.engine.limits import Limits, validate_rerank
 from rerankd.engine.models.config import ModelConfig
 from rerankd.engine.scheduler import JobResult, Scheduler, SchedulerConfig
-from rerankd.engine.cache import CacheConfig, ScoreCache
 from rerankd.engine.tokenize import EncodedRequest, PairEncoder
 from rerankd.types import (
     Document,
