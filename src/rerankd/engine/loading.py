@@ -13,13 +13,14 @@ import torch
 from rerankd.engine.checkpoint import read_weights
 from rerankd.engine.models.bert import CrossEncoder
 from rerankd.engine.models.config import ModelConfig
+from rerankd.engine.models.jina import JinaCrossEncoder
 from rerankd.errors import ModelLoadError
 
 
-def load_cross_encoder(folder: Path) -> CrossEncoder:
+def load_cross_encoder(folder: Path) -> CrossEncoder | JinaCrossEncoder:
     """Load a sequence-classification checkpoint (HF names) into our CrossEncoder, eval mode."""
     cfg = ModelConfig.from_file(folder / "config.json")
-    model = CrossEncoder(cfg)
+    model = JinaCrossEncoder(cfg) if cfg.family == "jina" else CrossEncoder(cfg)
     weights = read_weights(folder)
     prefix = "bert." if cfg.head == "pooler" else "roberta."
     if not any(k.startswith(prefix) for k in weights):

@@ -21,6 +21,10 @@ _FAMILIES: dict[str, tuple[str, str]] = {
     "roberta": ("roberta", "roberta"),
 }
 _ACTIVATIONS = {"gelu", "gelu_new", "gelu_pytorch_tanh", "relu"}
+# JinaBERT (jina-reranker-v1-*) declares model_type "bert" (JinaBertConfig.model_type);
+# what marks it is ALiBi in place of position embeddings and a gated feed-forward.
+_JINA_MODEL_TYPES = {"bert"}
+_JINA_FEED_FORWARD = {"geglu", "reglu"}
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,8 @@ class ModelConfig:
     pad_token_id: int
     hidden_act: str
     num_labels: int
+    position_embedding_type: str = "absolute"
+    feed_forward_type: str = "original"
 
     @property
     def max_length(self) -> int:
@@ -52,11 +58,21 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> ModelConfig:
         model_type = raw.get("model_type", "bert")
-        if model_type not in _FAMILIES:
+        position_embedding_type = raw.get("position_embedding_type") or "absolute"
+        feed_forward_type = raw.get("feed_forward_type") or "original"
+        if position_embedding_type == "alibi" and model_type in _JINA_MODEL_TYPES:
+            if feed_forward_type not in _JINA_FEED_FORWARD:
+                raise ModelLoadError(
+                    f"unsupported JinaBERT feed_forward_type {feed_forward_type!r}; "
+                    f"rerankd implements {sorted(_JINA_FEED_FORWARD)}"
+                )
+            family, head = "jina", "pooler"
+        elif model_type not in _FAMILIES:
             raise ModelLoadError(
                 f"unsupported model_type {model_type!r}; rerankd implements {sorted(_FAMILIES)}"
             )
-        family, head = _FAMILIES[model_type]
+        else:
+            family, head = _FAMILIES[model_type]
         act = raw.get("hidden_act", "gelu")
         if act not in _ACTIVATIONS:
             raise ModelLoadError(f"unsupported hidden_act {act!r}; expected one of {_ACTIVATIONS}")
@@ -76,6 +92,8 @@ class ModelConfig:
             pad_token_id=int(raw.get("pad_token_id") or 0),
             hidden_act=act,
             num_labels=num_labels,
+            position_embedding_type=position_embedding_type,
+            feed_forward_type=feed_forward_type,
         )
 
     @classmethod
