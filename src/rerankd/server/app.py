@@ -1,8 +1,9 @@
-"""Start, run and stop the sidecar: models, gRPC server, health, reflection, signals.
+"""Start, run and stop the sidecar: models, gRPC and HTTP servers, health, reflection, signals.
 
-Order matters for orchestrators: the port opens first with health NOT_SERVING, models
-load and warm up, and only then does health say SERVING. On SIGTERM/SIGINT health turns
-NOT_SERVING, new calls are refused and in-flight calls drain for up to `grace` seconds.
+Order matters for orchestrators: the ports open first with health NOT_SERVING (and HTTP
+/ready 503), models load and warm up, and only then does health say SERVING. On
+SIGTERM/SIGINT health turns NOT_SERVING, new calls are refused and in-flight calls on
+both transports drain for up to `grace` seconds. Both servers share one event loop.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from rerankd.engine.limits import Limits
 from rerankd.engine.scheduler import SchedulerConfig
 from rerankd.server.config import ServeConfig
 from rerankd.server.grpc_service import SERVICE, RerankerService
+from rerankd.server.http_app import HttpServer, create_app
+from rerankd.server.metrics import Metrics
 from rerankd.server.registry import Registry
 from rerankd.v1 import reranker_pb2
 
@@ -68,6 +71,9 @@ class Sidecar:
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.port = 0
+        self.metrics = Metrics()  # per sidecar, so several in one process do not collide
+        self.http: HttpServer | None = None
+        self.http_port: int | None = None  # None: HTTP disabled (--http-port -1)
 
     async def start(self) -> None:
         cfg = self.cfg
@@ -80,7 +86,9 @@ class Sidecar:
             ]
         )
         placeholder = Registry()
-        self.service = RerankerService(placeholder, cfg.max_documents, cfg.max_document_chars)
+        self.service = RerankerService(
+            placeholder, cfg.max_documents, cfg.max_document_chars, self.metrics
+        )
         self.server.add_generic_rpc_handlers((self.service.handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         names = (
@@ -95,8 +103,14 @@ class Sidecar:
         if self.port == 0:
             raise OSError(f"could not bind {cfg.host}:{cfg.port}")
         await self.server.start()
-        log.info("listening on %s:%d, loading models", cfg.host, self.port)
+        if cfg.http_port >= 0:
+            self.http = HttpServer(
+                create_app(self.service, self.metrics, cfg.max_message_bytes), cfg.grace
+            )
+            self.http_port = await self.http.start(cfg.host, cfg.http_port)
+        log.info("listening on %s:%d, http %s; loading models", cfg.host, self.port, self.http_port)
         self.registry = await asyncio.get_running_loop().run_in_executor(None, self.loader, cfg)
+        self.metrics.watch(self.registry.rerankers)
         self.service.registry = self.registry
         self.service.ready = True
         for name in ("", SERVICE):
@@ -107,8 +121,10 @@ class Sidecar:
         if self.service is not None:
             self.service.ready = False
         await self.health.enter_graceful_shutdown()
+        draining = [self.http.stop()] if self.http is not None else []
         if self.server is not None:
-            await self.server.stop(self.cfg.grace)
+            draining.append(self.server.stop(self.cfg.grace))
+        await asyncio.gather(*draining)
         if self.registry is not None:
             self.registry.close()
         if self.service is not None:
@@ -128,7 +144,8 @@ async def serve(cfg: ServeConfig, ready: Callable[[int], None] | None = None) ->
     except BaseException:
         await sidecar.stop()
         raise
-    print(f"rerankd serving on {cfg.host}:{sidecar.port}", flush=True)
+    http = f" http {cfg.host}:{sidecar.http_port}" if sidecar.http_port is not None else ""
+    print(f"rerankd serving on {cfg.host}:{sidecar.port}{http}", flush=True)
     if ready:
         ready(sidecar.port)
     await stop.wait()

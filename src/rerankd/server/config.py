@@ -38,6 +38,7 @@ FLAGS: tuple[Flag, ...] = (
     Flag("name", str, "", "name clients use for the model (default: last path component)"),
     Flag("host", str, "127.0.0.1", "address to bind; 0.0.0.0 only when you mean it"),
     Flag("port", int, 50051, "gRPC port (0 = pick a free one and print it)"),
+    Flag("http-port", int, 8080, "HTTP/JSON API and /metrics port (0 = pick a free one, -1 = off)"),
     Flag("backend", str, "auto", "auto | torch | onnx (auto: torch on CUDA, onnx on CPU)"),
     Flag("precision", str, "auto", "auto | fp32 | bf16 | fp16 | int8"),
     Flag("device", str, "auto", "auto | cpu | cuda | cuda:N"),
@@ -49,7 +50,7 @@ FLAGS: tuple[Flag, ...] = (
     Flag("max-batch-tokens", int, 4096, "padded tokens per inference batch"),
     Flag("max-batch-size", int, 32, "pairs per inference batch"),
     Flag("max-queued-pairs", int, 8192, "pairs waiting before RESOURCE_EXHAUSTED"),
-    Flag("max-message-bytes", int, 32 << 20, "largest gRPC message accepted or sent"),
+    Flag("max-message-bytes", int, 32 << 20, "largest gRPC message or HTTP body accepted"),
     Flag("dense-encoder", str, DEFAULT_DENSE, "dense encoder for Embed ('' to disable)"),
     Flag(
         "sparse-encoder", str, DEFAULT_SPARSE, "sparse (SPLADE) encoder for Embed ('' to disable)"
@@ -65,6 +66,7 @@ class ServeConfig:
     name: str = ""
     host: str = "127.0.0.1"
     port: int = 50051
+    http_port: int = 8080
     backend: str = "auto"
     precision: str = "auto"
     device: str = "auto"

@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -19,9 +20,10 @@ import numpy as np
 
 from rerankd.engine.reranker import Reranker
 from rerankd.errors import InvalidInputError, UnavailableError
+from rerankd.server.metrics import Metrics
 from rerankd.server.registry import Registry
 from rerankd.server.status import code_for
-from rerankd.types import Document, Normalization, RerankOptions, RerankResponse
+from rerankd.types import Document, Normalization, RerankOptions, RerankResponse, SparseVector
 from rerankd.v1 import reranker_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -99,19 +101,39 @@ def reranker_info(model: Reranker, is_default: bool) -> pb.ModelInfo:
     )
 
 
+@dataclass
+class EmbedResult:
+    """`RerankerService.embed`'s answer, before any transport shapes it."""
+
+    dense: np.ndarray | None
+    sparse: list[SparseVector] | None
+    dense_model: str
+    sparse_model: str
+    tokens: int
+
+
 def _deadline(context: grpc.aio.ServicerContext) -> float | None:
     remaining = context.time_remaining()
     return None if remaining is None else time.monotonic() + remaining
 
 
 class RerankerService:
-    """Implements the three RPCs over a `Registry`; `ready` gates them during start-up."""
+    """Implements the three RPCs over a `Registry`; `ready` gates them during start-up.
+
+    `rerank` and `embed` are the transport-neutral paths (engine types in and out); the
+    gRPC methods and the HTTP app both call them, so the two cannot drift apart.
+    """
 
     def __init__(
-        self, registry: Registry, max_texts: int = 1000, max_text_chars: int = 100_000
+        self,
+        registry: Registry,
+        max_texts: int = 1000,
+        max_text_chars: int = 100_000,
+        metrics: Metrics | None = None,
     ) -> None:
         self.registry = registry
         self.ready = False
+        self.metrics = metrics or Metrics()
         self.max_texts = max_texts
         self.max_text_chars = max_text_chars
         self.tokenize_pool = ThreadPoolExecutor(2, thread_name_prefix="rerankd-tokenize")
@@ -120,65 +142,102 @@ class RerankerService:
 
     async def _call(
         self,
+        method: str,
         request: Any,
         context: grpc.aio.ServicerContext,
         body: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]],
     ) -> Any:
-        if isinstance(request, Undecodable):
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"request could not be decoded ({request.error}); "
-                "check that every string field is valid UTF-8",
-            )
-        if not self.ready:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "models are still loading; retry")
+        code = grpc.StatusCode.OK
+        start = time.perf_counter()
+        self.metrics.inflight.labels("grpc").inc()
         try:
-            return await body(request, context)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            code = code_for(exc)
-            if code == grpc.StatusCode.INTERNAL:
-                log.exception("internal error")
-            await context.abort(code, str(exc))
+            if isinstance(request, Undecodable):
+                code = grpc.StatusCode.INVALID_ARGUMENT
+                await context.abort(
+                    code,
+                    f"request could not be decoded ({request.error}); "
+                    "check that every string field is valid UTF-8",
+                )
+            if not self.ready:
+                code = grpc.StatusCode.UNAVAILABLE
+                await context.abort(code, "models are still loading; retry")
+            try:
+                return await body(request, context)
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except Exception as exc:
+                code = code_for(exc)
+                if code == grpc.StatusCode.INTERNAL:
+                    log.exception("internal error")
+                await context.abort(code, str(exc))
+        finally:
+            self.metrics.inflight.labels("grpc").dec()
+            self.metrics.observe_request("grpc", method, code.name, time.perf_counter() - start)
 
     async def Rerank(
         self, request: pb.RerankRequest, context: grpc.aio.ServicerContext
     ) -> pb.RerankResponse:
-        return await self._call(request, context, self._rerank)
+        return await self._call("rerank", request, context, self._rerank)
 
     async def Embed(
         self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext
     ) -> pb.EmbedResponse:
-        return await self._call(request, context, self._embed)
+        return await self._call("embed", request, context, self._embed)
 
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListModelsResponse:
-        return await self._call(request, context, self._list_models)
+        return await self._call("list_models", request, context, self._list_models)
+
+    async def rerank(
+        self,
+        model_name: str,
+        query: str,
+        documents: list[Document],
+        top_n: int,
+        options: RerankOptions,
+        deadline: float | None,
+    ) -> RerankResponse:
+        """Validate, tokenise off the event loop, score in the scheduler, sort: any transport.
+
+        `deadline` is a `time.monotonic()` instant or None.
+        """
+        model = self.registry.reranker(model_name)
+        model.validate(query, documents, top_n, options)
+        loop = asyncio.get_running_loop()
+        t0 = time.perf_counter()
+        pairs = await loop.run_in_executor(
+            self.tokenize_pool, model.encode, query, documents, options
+        )
+        tokenize_s = time.perf_counter() - t0
+        result = await asyncio.wrap_future(model.submit(pairs, deadline))
+        response = model.finish(documents, result, top_n, options, tokenize_s)
+        self.metrics.add_tokens("rerank", response.model, response.tokens)
+        return response
 
     async def _rerank(
         self, request: pb.RerankRequest, context: grpc.aio.ServicerContext
     ) -> pb.RerankResponse:
-        model = self.registry.reranker(request.model)
         options = options_from_proto(request.options)
         documents = [Document(d.id, d.text) for d in request.documents]
-        model.validate(request.query, documents, request.top_n, options)
-        loop = asyncio.get_running_loop()
-        t0 = time.perf_counter()
-        pairs = await loop.run_in_executor(
-            self.tokenize_pool, model.encode, request.query, documents, options
+        response = await self.rerank(
+            request.model, request.query, documents, request.top_n, options, _deadline(context)
         )
-        tokenize_s = time.perf_counter() - t0
-        result = await asyncio.wrap_future(model.submit(pairs, _deadline(context)))
-        return response_to_proto(
-            model.finish(documents, result, request.top_n, options, tokenize_s)
-        )
+        return response_to_proto(response)
 
-    async def _embed(
-        self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext
-    ) -> pb.EmbedResponse:
-        texts = list(request.texts)
+    async def embed(
+        self,
+        texts: list[str],
+        *,
+        dense: bool,
+        sparse: bool,
+        dense_model: str = "",
+        sparse_model: str = "",
+        normalize: bool = True,
+        input_type: str = "query",
+    ) -> EmbedResult:
+        """Check limits, then encode on the embed thread: the path every transport uses."""
         if not texts:
             raise InvalidInputError("texts is empty; send at least one text to embed")
         if len(texts) > self.max_texts:
@@ -190,30 +249,52 @@ class RerankerService:
                 raise InvalidInputError(
                     f"texts[{i}] has {len(t)} characters; the limit is {self.max_text_chars}"
                 )
-        want_dense = request.dense or not request.sparse
-        dense = self.registry.encoder("dense", request.dense_model) if want_dense else None
-        sparse = self.registry.encoder("sparse", request.sparse_model) if request.sparse else None
-        normalize = request.normalize if request.HasField("normalize") else True
-        input_type = "document" if request.input_type == pb.INPUT_TYPE_DOCUMENT else "query"
+        dense_enc = self.registry.encoder("dense", dense_model) if dense else None
+        sparse_enc = self.registry.encoder("sparse", sparse_model) if sparse else None
         loop = asyncio.get_running_loop()
 
         def work() -> tuple[np.ndarray | None, list | None, int]:
             d, s, tokens = None, None, 0
-            if dense:
-                d, n = dense.encode_with_usage(texts, input_type=input_type, normalize=normalize)
+            if dense_enc:
+                d, n = dense_enc.encode_with_usage(
+                    texts, input_type=input_type, normalize=normalize
+                )
+                self.metrics.add_tokens("embed", dense_enc.info.name, n)
                 tokens += n
-            if sparse:
-                s, n = sparse.encode_with_usage(texts, input_type=input_type)
+            if sparse_enc:
+                s, n = sparse_enc.encode_with_usage(texts, input_type=input_type)
+                self.metrics.add_tokens("embed", sparse_enc.info.name, n)
                 tokens += n
             return d, s, tokens
 
         d_vecs, s_vecs, tokens = await loop.run_in_executor(self.embed_pool, work)
-        out = pb.EmbedResponse(
-            dense_model=dense.info.name if dense else "",
-            sparse_model=sparse.info.name if sparse else "",
-            usage=pb.Usage(tokens=tokens),
+        return EmbedResult(
+            d_vecs,
+            s_vecs,
+            dense_enc.info.name if dense_enc else "",
+            sparse_enc.info.name if sparse_enc else "",
+            tokens,
         )
-        for i in range(len(texts)):
+
+    async def _embed(
+        self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext
+    ) -> pb.EmbedResponse:
+        result = await self.embed(
+            list(request.texts),
+            dense=request.dense or not request.sparse,
+            sparse=request.sparse,
+            dense_model=request.dense_model,
+            sparse_model=request.sparse_model,
+            normalize=request.normalize if request.HasField("normalize") else True,
+            input_type="document" if request.input_type == pb.INPUT_TYPE_DOCUMENT else "query",
+        )
+        d_vecs, s_vecs = result.dense, result.sparse
+        out = pb.EmbedResponse(
+            dense_model=result.dense_model,
+            sparse_model=result.sparse_model,
+            usage=pb.Usage(tokens=result.tokens),
+        )
+        for i in range(len(request.texts)):
             emb = out.embeddings.add()
             if d_vecs is not None:
                 emb.dense.values.extend(d_vecs[i].tolist())
