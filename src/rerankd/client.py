@@ -30,7 +30,9 @@ from rerankd.errors import (
 )
 from rerankd.types import (
     Document,
+    LongDocs,
     Normalization,
+    RerankOptions,
     RerankResponse,
     RerankResult,
     SparseVector,
@@ -42,6 +44,7 @@ from rerankd.v1 import reranker_pb2_grpc as pb_grpc
 T = TypeVar("T")
 DocumentLike = str | Document | tuple[str, str] | dict
 _NORM = {Normalization.RAW: pb.NORMALIZATION_RAW, Normalization.SIGMOID: pb.NORMALIZATION_SIGMOID}
+_LONG = {LongDocs.MAX: pb.LONG_DOCS_MAX, LongDocs.TRUNCATE: pb.LONG_DOCS_TRUNCATE}
 _INPUT = {"query": pb.INPUT_TYPE_QUERY, "document": pb.INPUT_TYPE_DOCUMENT}
 
 
@@ -85,30 +88,62 @@ def _doc(i: int, d: DocumentLike) -> pb.Document:
     raise InvalidInputError(f"documents[{i}] must be str, Document, (id, text) or dict")
 
 
+def _options(
+    max_length: int,
+    normalization: Normalization | str,
+    return_documents: bool,
+    depth: int,
+    long_docs: LongDocs | str,
+    window_overlap: int,
+    max_doc_tokens: int,
+) -> RerankOptions:
+    try:
+        return RerankOptions(
+            max_length,
+            Normalization(normalization),
+            return_documents,
+            depth,
+            LongDocs(long_docs),
+            window_overlap,
+            max_doc_tokens,
+        )
+    except ValueError as exc:
+        raise InvalidInputError(f"{exc}; see RerankOptions for the accepted values") from None
+
+
 def build_rerank_request(
     query: str,
     documents: Sequence[DocumentLike],
     top_n: int,
     model: str,
-    max_length: int,
-    normalization: Normalization | str,
-    return_documents: bool,
+    options: RerankOptions,
 ) -> pb.RerankRequest:
-    try:
-        norm = _NORM[Normalization(normalization)]
-    except ValueError:
+    norm = _NORM[options.normalization]
+    long_docs = _LONG[options.long_docs]
+    numbers = (
+        top_n,
+        options.max_length,
+        options.depth,
+        options.window_overlap,
+        options.max_doc_tokens,
+    )
+    if any(n < 0 for n in numbers):
         raise InvalidInputError(
-            f"normalization must be 'raw' or 'sigmoid', got {normalization!r}"
-        ) from None
-    if top_n < 0 or max_length < 0:
-        raise InvalidInputError("top_n and max_length must be >= 0")
+            "top_n, max_length, depth, window_overlap and max_doc_tokens must be >= 0"
+        )
     return pb.RerankRequest(
         query=query,
         documents=[_doc(i, d) for i, d in enumerate(documents)],
         top_n=top_n,
         model=model,
         options=pb.RerankOptions(
-            max_length=max_length, normalization=norm, return_documents=return_documents
+            max_length=options.max_length,
+            normalization=norm,
+            return_documents=options.return_documents,
+            depth=options.depth,
+            long_docs=long_docs,
+            window_overlap=options.window_overlap,
+            max_doc_tokens=options.max_doc_tokens,
         ),
     )
 
@@ -122,6 +157,8 @@ def parse_rerank(resp: pb.RerankResponse, return_documents: bool) -> RerankRespo
         model=resp.model,
         tokens=resp.usage.tokens,
         timings=Timings(resp.timings.queue_us, resp.timings.tokenize_us, resp.timings.inference_us),
+        cache_hits=resp.usage.cache_hits,
+        depth=resp.depth,
     )
 
 
@@ -309,12 +346,23 @@ class RerankClient:
         max_length: int = 0,
         normalization: Normalization | str = Normalization.RAW,
         return_documents: bool = False,
+        depth: int = 0,
+        long_docs: LongDocs | str = LongDocs.MAX,
+        window_overlap: int = 0,
+        max_doc_tokens: int = 0,
         timeout: float | None = None,
     ) -> RerankResponse:
         """Documents best first. `documents`: strings (ids are positions), Documents, (id, text)."""
-        req = build_rerank_request(
-            query, documents, top_n, model, max_length, normalization, return_documents
+        opts = _options(
+            max_length,
+            normalization,
+            return_documents,
+            depth,
+            long_docs,
+            window_overlap,
+            max_doc_tokens,
         )
+        req = build_rerank_request(query, documents, top_n, model, opts)
         return parse_rerank(self._invoke("Rerank", req, timeout), return_documents)
 
     def embed(
@@ -403,11 +451,22 @@ class AsyncRerankClient:
         max_length: int = 0,
         normalization: Normalization | str = Normalization.RAW,
         return_documents: bool = False,
+        depth: int = 0,
+        long_docs: LongDocs | str = LongDocs.MAX,
+        window_overlap: int = 0,
+        max_doc_tokens: int = 0,
         timeout: float | None = None,
     ) -> RerankResponse:
-        req = build_rerank_request(
-            query, documents, top_n, model, max_length, normalization, return_documents
+        opts = _options(
+            max_length,
+            normalization,
+            return_documents,
+            depth,
+            long_docs,
+            window_overlap,
+            max_doc_tokens,
         )
+        req = build_rerank_request(query, documents, top_n, model, opts)
         return parse_rerank(await self._invoke("Rerank", req, timeout), return_documents)
 
     async def embed(

@@ -79,6 +79,7 @@ class RerankResponse:
     tokens: int = 0
     timings: Timings = field(default_factory=Timings)
     cache_hits: int = 0
+    depth: int = 0  # encoder layers actually run
 
 
 @dataclass(frozen=True)

@@ -306,3 +306,17 @@ def test_graceful_shutdown_drains_in_flight_calls(dl19) -> None:
         results = [f.result() for f in futures]
     assert all(len(r.results) == 100 for r in results)
     assert proc.proc.wait(timeout=60) == 0
+
+
+def test_depth_and_long_documents_over_grpc(sidecar) -> None:
+    long_doc = " ".join(["the cat sat on the mat and looked at the dog"] * 600)  # ~7,000 tokens
+    with RerankClient(sidecar.address, timeout=120) as client:
+        full = client.rerank("cats", ["a cat", long_doc])
+        shallow = client.rerank("cats", ["a cat", long_doc], depth=2)
+        assert (full.depth, shallow.depth) == (6, 2)
+        assert {r.index: r.score for r in full.results} != {r.index: r.score for r in shallow.results}
+        assert full.tokens > 4000  # the long document was read in windows, up to the 4,096 cap
+        truncated = client.rerank("cats", ["a cat", long_doc], long_docs="truncate")
+        assert truncated.tokens < 600
+        with pytest.raises(InvalidInputError, match="depth 7 is outside"):
+            client.rerank("cats", ["a cat"], depth=7)

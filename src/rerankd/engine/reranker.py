@@ -222,6 +222,7 @@ class Reranker:
             model=self.name,
             tokens=result.tokens,
             cache_hits=result.cache_hits,
+            depth=options.depth or self.config.num_layers,
             timings=Timings(
                 queue_us=int(result.queue_s * 1e6),
                 tokenize_us=int(tokenize_s * 1e6),

@@ -82,6 +82,10 @@ class Sidecar:
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
+                # Recycle connections every 5 min so dns:/// round_robin clients re-resolve
+                # and spread onto replicas an autoscaler added (grpc/grpc#12295).
+                ("grpc.max_connection_age_ms", 300_000),
+                ("grpc.max_connection_age_grace_ms", 30_000),
                 ("grpc.so_reuseport", 0),
             ]
         )

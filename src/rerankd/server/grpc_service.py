@@ -23,7 +23,14 @@ from rerankd.errors import InvalidInputError, UnavailableError
 from rerankd.server.metrics import Metrics
 from rerankd.server.registry import Registry
 from rerankd.server.status import code_for
-from rerankd.types import Document, Normalization, RerankOptions, RerankResponse, SparseVector
+from rerankd.types import (
+    Document,
+    LongDocs,
+    Normalization,
+    RerankOptions,
+    RerankResponse,
+    SparseVector,
+)
 from rerankd.v1 import reranker_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -33,6 +40,11 @@ _NORMALIZATION = {
     pb.NORMALIZATION_UNSPECIFIED: Normalization.RAW,
     pb.NORMALIZATION_RAW: Normalization.RAW,
     pb.NORMALIZATION_SIGMOID: Normalization.SIGMOID,
+}
+_LONG_DOCS = {
+    pb.LONG_DOCS_UNSPECIFIED: LongDocs.MAX,
+    pb.LONG_DOCS_MAX: LongDocs.MAX,
+    pb.LONG_DOCS_TRUNCATE: LongDocs.TRUNCATE,
 }
 _KIND = {"dense": pb.MODEL_KIND_DENSE_ENCODER, "sparse": pb.MODEL_KIND_SPARSE_ENCODER}
 
@@ -59,10 +71,18 @@ def options_from_proto(opts: pb.RerankOptions) -> RerankOptions:
         raise InvalidInputError(
             f"unknown normalization value {opts.normalization}; use RAW (1) or SIGMOID (2)"
         )
+    if opts.long_docs not in _LONG_DOCS:
+        raise InvalidInputError(
+            f"unknown long_docs value {opts.long_docs}; use MAX (1) or TRUNCATE (2)"
+        )
     return RerankOptions(
         max_length=opts.max_length,
         normalization=_NORMALIZATION[opts.normalization],
         return_documents=opts.return_documents,
+        depth=opts.depth,
+        long_docs=_LONG_DOCS[opts.long_docs],
+        window_overlap=opts.window_overlap,
+        max_doc_tokens=opts.max_doc_tokens,
     )
 
 
@@ -73,7 +93,8 @@ def response_to_proto(resp: RerankResponse) -> pb.RerankResponse:
             for r in resp.results
         ],
         model=resp.model,
-        usage=pb.Usage(tokens=resp.tokens),
+        depth=resp.depth,
+        usage=pb.Usage(tokens=resp.tokens, cache_hits=resp.cache_hits),
         timings=pb.Timings(
             queue_us=resp.timings.queue_us,
             tokenize_us=resp.timings.tokenize_us,

@@ -57,7 +57,7 @@ from rerankd.errors import InvalidInputError, RerankdError, UnavailableError
 from rerankd.server.grpc_service import EmbedResult, RerankerService
 from rerankd.server.metrics import Metrics
 from rerankd.server.status import http_status_for
-from rerankd.types import Document, Normalization, RerankOptions, RerankResponse
+from rerankd.types import Document, LongDocs, Normalization, RerankOptions, RerankResponse
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +108,12 @@ class RerankBody(BaseModel):
     normalize: Literal["raw", "sigmoid"] = Field(
         "raw", description="raw logits (as gRPC returns) or sigmoid scores in [0, 1]"
     )
+    depth: int = Field(0, description="encoder layers to run (1..num_layers); 0 = all")
+    long_docs: Literal["max", "truncate"] = Field(
+        "max", description="windows scored by their best, or the first window only"
+    )
+    window_overlap: int = Field(0, description="tokens windows share; 0 = default")
+    max_doc_tokens: int = Field(0, description="tokens read per document; 0 = default")
 
 
 class EmbeddingsBody(BaseModel):
@@ -161,7 +167,12 @@ def rerank_payload(resp: RerankResponse, body: RerankBody, request_id: str) -> d
         "model": resp.model,
         "results": results,
         "usage": {"prompt_tokens": resp.tokens, "total_tokens": resp.tokens},
-        "meta": {"tokens": {"input_tokens": resp.tokens}, "timings": asdict(resp.timings)},
+        "meta": {
+            "tokens": {"input_tokens": resp.tokens},
+            "timings": asdict(resp.timings),
+            "depth": resp.depth,
+            "cache_hits": resp.cache_hits,
+        },
     }
 
 
@@ -196,6 +207,10 @@ def rerank_inputs(body: RerankBody) -> tuple[list[Document], int, RerankOptions]
         max_length=body.max_length or 0,
         normalization=Normalization(body.normalize),
         return_documents=body.return_documents,
+        depth=body.depth,
+        long_docs=LongDocs(body.long_docs),
+        window_overlap=body.window_overlap,
+        max_doc_tokens=body.max_doc_tokens,
     )
     return documents, body.top_n or 0, options
 

@@ -13,6 +13,12 @@ class Normalization(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     NORMALIZATION_RAW: _ClassVar[Normalization]
     NORMALIZATION_SIGMOID: _ClassVar[Normalization]
 
+class LongDocs(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    LONG_DOCS_UNSPECIFIED: _ClassVar[LongDocs]
+    LONG_DOCS_MAX: _ClassVar[LongDocs]
+    LONG_DOCS_TRUNCATE: _ClassVar[LongDocs]
+
 class InputType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     INPUT_TYPE_UNSPECIFIED: _ClassVar[InputType]
@@ -28,6 +34,9 @@ class ModelKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
 NORMALIZATION_UNSPECIFIED: Normalization
 NORMALIZATION_RAW: Normalization
 NORMALIZATION_SIGMOID: Normalization
+LONG_DOCS_UNSPECIFIED: LongDocs
+LONG_DOCS_MAX: LongDocs
+LONG_DOCS_TRUNCATE: LongDocs
 INPUT_TYPE_UNSPECIFIED: InputType
 INPUT_TYPE_QUERY: InputType
 INPUT_TYPE_DOCUMENT: InputType
@@ -45,14 +54,22 @@ class Document(_message.Message):
     def __init__(self, id: _Optional[str] = ..., text: _Optional[str] = ...) -> None: ...
 
 class RerankOptions(_message.Message):
-    __slots__ = ("max_length", "normalization", "return_documents")
+    __slots__ = ("max_length", "normalization", "return_documents", "depth", "long_docs", "window_overlap", "max_doc_tokens")
     MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
     NORMALIZATION_FIELD_NUMBER: _ClassVar[int]
     RETURN_DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
+    DEPTH_FIELD_NUMBER: _ClassVar[int]
+    LONG_DOCS_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_OVERLAP_FIELD_NUMBER: _ClassVar[int]
+    MAX_DOC_TOKENS_FIELD_NUMBER: _ClassVar[int]
     max_length: int
     normalization: Normalization
     return_documents: bool
-    def __init__(self, max_length: _Optional[int] = ..., normalization: _Optional[_Union[Normalization, str]] = ..., return_documents: bool = ...) -> None: ...
+    depth: int
+    long_docs: LongDocs
+    window_overlap: int
+    max_doc_tokens: int
+    def __init__(self, max_length: _Optional[int] = ..., normalization: _Optional[_Union[Normalization, str]] = ..., return_documents: bool = ..., depth: _Optional[int] = ..., long_docs: _Optional[_Union[LongDocs, str]] = ..., window_overlap: _Optional[int] = ..., max_doc_tokens: _Optional[int] = ...) -> None: ...
 
 class RerankRequest(_message.Message):
     __slots__ = ("query", "documents", "top_n", "model", "options")
@@ -81,10 +98,12 @@ class RerankResult(_message.Message):
     def __init__(self, index: _Optional[int] = ..., id: _Optional[str] = ..., score: _Optional[float] = ..., text: _Optional[str] = ...) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("tokens",)
+    __slots__ = ("tokens", "cache_hits")
     TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_HITS_FIELD_NUMBER: _ClassVar[int]
     tokens: int
-    def __init__(self, tokens: _Optional[int] = ...) -> None: ...
+    cache_hits: int
+    def __init__(self, tokens: _Optional[int] = ..., cache_hits: _Optional[int] = ...) -> None: ...
 
 class Timings(_message.Message):
     __slots__ = ("queue_us", "tokenize_us", "inference_us")
@@ -97,16 +116,18 @@ class Timings(_message.Message):
     def __init__(self, queue_us: _Optional[int] = ..., tokenize_us: _Optional[int] = ..., inference_us: _Optional[int] = ...) -> None: ...
 
 class RerankResponse(_message.Message):
-    __slots__ = ("results", "model", "usage", "timings")
+    __slots__ = ("results", "model", "usage", "timings", "depth")
     RESULTS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    DEPTH_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[RerankResult]
     model: str
     usage: Usage
     timings: Timings
-    def __init__(self, results: _Optional[_Iterable[_Union[RerankResult, _Mapping]]] = ..., model: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ...) -> None: ...
+    depth: int
+    def __init__(self, results: _Optional[_Iterable[_Union[RerankResult, _Mapping]]] = ..., model: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., depth: _Optional[int] = ...) -> None: ...
 
 class EmbedRequest(_message.Message):
     __slots__ = ("texts", "dense_model", "input_type", "dense", "sparse", "normalize", "sparse_model")
