@@ -15,12 +15,14 @@ import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
 import numpy as np
 
 from rerankd.errors import (
+    AuthenticationError,
     DeadlineExceededError,
     InvalidInputError,
     OverloadedError,
@@ -237,7 +239,20 @@ def error_from(exc: grpc.RpcError) -> RerankdError:
         return DeadlineExceededError(details or "deadline exceeded")
     if code == grpc.StatusCode.UNAVAILABLE:
         return UnavailableError(details or "sidecar unavailable")
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return AuthenticationError(details)
     return RerankdError(f"{code.name}: {details}")
+
+
+def tls_credentials(
+    ca: str | Path | None = None, cert: str | Path | None = None, key: str | Path | None = None
+) -> grpc.ChannelCredentials:
+    """Channel credentials from PEM files: the CA to trust, and a client cert/key for mTLS."""
+
+    def read(p: str | Path | None) -> bytes | None:
+        return Path(p).read_bytes() if p else None
+
+    return grpc.ssl_channel_credentials(read(ca), read(key), read(cert))
 
 
 def _addresses(addresses: str | Iterable[str]) -> list[str]:
@@ -302,8 +317,10 @@ class RerankClient:
         max_backoff: float = 1.0,
         max_message_bytes: int = 32 << 20,
         credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
     ) -> None:
         self.addresses = _addresses(addresses)
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         opts = _channel_options(max_message_bytes)
         self._channels = [
             grpc.secure_channel(a, credentials, options=opts)
@@ -324,7 +341,9 @@ class RerankClient:
             if remaining <= 0:
                 raise DeadlineExceededError(f"{method}: deadline of {timeout:.3f}s passed")
             try:
-                return getattr(self._stubs[k], method)(request, timeout=remaining)
+                return getattr(self._stubs[k], method)(
+                    request, timeout=remaining, metadata=self._metadata
+                )
             except grpc.RpcError as exc:
                 if exc.code() != grpc.StatusCode.UNAVAILABLE or attempt >= self._policy.retries:
                     raise error_from(exc) from None
@@ -409,8 +428,10 @@ class AsyncRerankClient:
         max_backoff: float = 1.0,
         max_message_bytes: int = 32 << 20,
         credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
     ) -> None:
         self.addresses = _addresses(addresses)
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         opts = _channel_options(max_message_bytes)
         self._channels = [
             grpc.aio.secure_channel(a, credentials, options=opts)
@@ -431,7 +452,9 @@ class AsyncRerankClient:
             if remaining <= 0:
                 raise DeadlineExceededError(f"{method}: deadline of {timeout:.3f}s passed")
             try:
-                return await getattr(self._stubs[k], method)(request, timeout=remaining)
+                return await getattr(self._stubs[k], method)(
+                    request, timeout=remaining, metadata=self._metadata
+                )
             except grpc.RpcError as exc:
                 if exc.code() != grpc.StatusCode.UNAVAILABLE or attempt >= self._policy.retries:
                     raise error_from(exc) from None

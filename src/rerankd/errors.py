@@ -33,3 +33,7 @@ class UnavailableError(RerankdError, ConnectionError):
 
 class ModelLoadError(RerankdError):
     """A model could not be loaded: missing files, no safetensors, unsupported architecture."""
+
+
+class AuthenticationError(RerankdError, PermissionError):
+    """The sidecar refused the call's credentials (UNAUTHENTICATED)."""

@@ -20,6 +20,7 @@ from grpc_reflection.v1alpha import reflection
 from rerankd.engine.factory import load_reranker
 from rerankd.engine.limits import Limits
 from rerankd.engine.scheduler import SchedulerConfig
+from rerankd.server.auth import TOKENS_ENV, BearerAuthInterceptor, TlsFiles, load_tokens
 from rerankd.server.config import ServeConfig
 from rerankd.server.grpc_service import SERVICE, RerankerService
 from rerankd.server.http_app import HttpServer, create_app
@@ -78,7 +79,10 @@ class Sidecar:
     async def start(self) -> None:
         cfg = self.cfg
         limit = cfg.max_message_bytes
+        tokens = load_tokens(cfg.auth_token_file, TOKENS_ENV)
+        tls = TlsFiles(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca)
         self.server = grpc.aio.server(
+            interceptors=[BearerAuthInterceptor(tokens)] if tokens else [],
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
@@ -87,7 +91,7 @@ class Sidecar:
                 ("grpc.max_connection_age_ms", 300_000),
                 ("grpc.max_connection_age_grace_ms", 30_000),
                 ("grpc.so_reuseport", 0),
-            ]
+            ],
         )
         placeholder = Registry()
         self.service = RerankerService(
@@ -103,13 +107,19 @@ class Sidecar:
         reflection.enable_server_reflection(names, self.server)
         for name in ("", SERVICE):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.port = self.server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        address = f"{cfg.host}:{cfg.port}"
+        if tls.enabled:
+            self.port = self.server.add_secure_port(address, tls.server_credentials())
+        else:
+            self.port = self.server.add_insecure_port(address)
         if self.port == 0:
             raise OSError(f"could not bind {cfg.host}:{cfg.port}")
         await self.server.start()
         if cfg.http_port >= 0:
             self.http = HttpServer(
-                create_app(self.service, self.metrics, cfg.max_message_bytes), cfg.grace
+                create_app(self.service, self.metrics, cfg.max_message_bytes, tokens),
+                cfg.grace,
+                tls,
             )
             self.http_port = await self.http.start(cfg.host, cfg.http_port)
         log.info("listening on %s:%d, http %s; loading models", cfg.host, self.port, self.http_port)

@@ -55,6 +55,10 @@ FLAGS: tuple[Flag, ...] = (
     Flag(
         "sparse-encoder", str, DEFAULT_SPARSE, "sparse (SPLADE) encoder for Embed ('' to disable)"
     ),
+    Flag("auth-token-file", str, "", "bearer tokens, one per line (or env RERANKD_AUTH_TOKENS)"),
+    Flag("tls-cert", str, "", "PEM certificate: serve gRPC and HTTP over TLS"),
+    Flag("tls-key", str, "", "PEM private key of --tls-cert"),
+    Flag("tls-client-ca", str, "", "PEM CA: require client certificates it signed (mTLS)"),
     Flag("grace", float, 10.0, "seconds to drain in-flight calls on shutdown"),
     Flag("log-level", str, "INFO", "DEBUG | INFO | WARNING | ERROR"),
 )
@@ -81,6 +85,10 @@ class ServeConfig:
     max_message_bytes: int = 32 << 20
     dense_encoder: str = DEFAULT_DENSE
     sparse_encoder: str = DEFAULT_SPARSE
+    auth_token_file: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
     grace: float = 10.0
     log_level: str = "INFO"
 

@@ -54,6 +54,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from rerankd.errors import InvalidInputError, RerankdError, UnavailableError
+from rerankd.server.auth import TlsFiles, token_matches
 from rerankd.server.grpc_service import EmbedResult, RerankerService
 from rerankd.server.metrics import Metrics
 from rerankd.server.status import http_status_for
@@ -255,7 +256,12 @@ def _error_response(status: int, body: dict[str, Any]) -> JSONResponse:
 # --------------------------------------------------------------------------- application
 
 
-def create_app(service: RerankerService, metrics: Metrics, max_body_bytes: int) -> ASGIApp:
+def create_app(
+    service: RerankerService,
+    metrics: Metrics,
+    max_body_bytes: int,
+    tokens: tuple[bytes, ...] = (),
+) -> ASGIApp:
     """The ASGI app over a service; `Sidecar` serves it with uvicorn on its event loop."""
     app = FastAPI(
         title="rerankd",
@@ -374,7 +380,11 @@ def create_app(service: RerankerService, metrics: Metrics, max_body_bytes: int) 
         data, content_type = metrics.render()
         return Response(data, headers={"content-type": content_type})
 
-    return Edge(app, metrics, max_body_bytes)
+    return Edge(app, metrics, max_body_bytes, tokens)
+
+
+# Liveness and readiness stay open, like gRPC health: orchestrator probes carry no token.
+OPEN_PATHS = frozenset({"/health", "/ready"})
 
 
 class Edge:
@@ -385,10 +395,13 @@ class Edge:
     counted with the status the client actually received.
     """
 
-    def __init__(self, app: ASGIApp, metrics: Metrics, max_body_bytes: int) -> None:
+    def __init__(
+        self, app: ASGIApp, metrics: Metrics, max_body_bytes: int, tokens: tuple[bytes, ...] = ()
+    ) -> None:
         self.app = app
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
+        self.tokens = tokens
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -419,6 +432,18 @@ class Edge:
         if method:
             self.metrics.inflight.labels("http").inc()
         try:
+            if self.tokens and scope["path"] not in OPEN_PATHS:
+                headers = dict(scope["headers"])
+                auth = headers.get(b"authorization", b"").decode("latin-1") or None
+                if not token_matches(auth, self.tokens):
+                    payload = error_body(
+                        "missing or invalid bearer token: send 'Authorization: Bearer <token>'",
+                        "unauthorized",
+                    )
+                    response = _error_response(401, payload)
+                    response.headers["www-authenticate"] = "Bearer"
+                    await response(scope, receive, send_tracked)
+                    return
             body = await self._read_body(scope, receive)
             if body is None:
                 return  # the client went away
@@ -524,9 +549,10 @@ def bind(host: str, port: int) -> socket.socket:
 class HttpServer:
     """uvicorn serving one ASGI app on the caller's running event loop (beside grpc.aio)."""
 
-    def __init__(self, app: ASGIApp, grace: float) -> None:
+    def __init__(self, app: ASGIApp, grace: float, tls: TlsFiles | None = None) -> None:
         config = uvicorn.Config(
             app,
+            **(tls.uvicorn_options() if tls else {}),
             lifespan="off",
             log_config=None,  # keep the logging `rerankd serve` configured
             access_log=False,

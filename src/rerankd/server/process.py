@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from typing import IO
 from dataclasses import dataclass
 
 READY_PREFIX = "rerankd serving on "
@@ -80,19 +81,25 @@ def spawn_sidecar(
     http_port: int | None = 0,
     env: Mapping[str, str] | None = None,
     timeout: float = 300.0,
+    log: IO[str] | None = None,
 ) -> SidecarProcess:
     """Start `rerankd serve --host HOST --port PORT ARGS...` and wait until it serves.
 
     `http_port` defaults to 0 (a free port) rather than the server's 8080, so several
     sidecars (tests, benchmarks) never race for one port; None leaves the flag unset and
-    `--http-port` in `args` wins over it either way.
+    `--http-port` in `args` wins over it either way. `log` receives the child's stderr
+    (its log); by default it goes to ours.
     """
     cmd = [sys.executable, "-m", "rerankd.cli", "serve", "--host", host, "--port", str(port)]
     if http_port is not None:
         cmd += ["--http-port", str(http_port)]
     cmd += list(args)
     proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, text=True, env=dict(os.environ if env is None else env)
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=log,
+        text=True,
+        env=dict(os.environ if env is None else env),
     )
     assert proc.stdout is not None
     deadline = time.monotonic() + timeout
