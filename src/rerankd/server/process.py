@@ -13,8 +13,8 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from typing import IO
 from dataclasses import dataclass
+from typing import IO
 
 READY_PREFIX = "rerankd serving on "
 HTTP_MARK = " http "
