@@ -18,10 +18,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from rerankd.engine.factory import load_reranker
+from rerankd.engine.cache import CacheConfig
 from rerankd.engine.limits import Limits
 from rerankd.engine.scheduler import SchedulerConfig
 from rerankd.server.auth import TOKENS_ENV, BearerAuthInterceptor, TlsFiles, load_tokens
-from rerankd.server.config import ServeConfig
+from rerankd.server.config import ServeConfig, model_specs
 from rerankd.server.grpc_service import SERVICE, RerankerService
 from rerankd.server.http_app import HttpServer, create_app
 from rerankd.server.metrics import Metrics
@@ -34,19 +35,23 @@ log = logging.getLogger("rerankd.server")
 def load_registry(cfg: ServeConfig) -> Registry:
     """Load the reranker and the encoders the config names (blocking, seconds)."""
     registry = Registry()
-    model = load_reranker(
-        cfg.model,
-        cfg.name or None,
-        backend=cfg.backend,
-        precision=cfg.precision,
-        device=cfg.device,
-        threads=cfg.threads,
-        scheduler=SchedulerConfig(cfg.max_batch_tokens, cfg.max_batch_size, cfg.max_queued_pairs),
-        limits=Limits(cfg.max_documents, cfg.max_query_chars, cfg.max_document_chars),
-        default_max_length=cfg.max_length,
-    )
-    model.warmup()
-    registry.add_reranker(model)
+    for name, source in model_specs(cfg):
+        model = load_reranker(
+            source,
+            name,
+            backend=cfg.backend,
+            precision=cfg.precision,
+            device=cfg.device,
+            threads=cfg.threads,
+            scheduler=SchedulerConfig(
+                cfg.max_batch_tokens, cfg.max_batch_size, cfg.max_queued_pairs
+            ),
+            limits=Limits(cfg.max_documents, cfg.max_query_chars, cfg.max_document_chars),
+            default_max_length=cfg.max_length,
+            cache=CacheConfig(cfg.cache_entries, cfg.cache_bytes),
+        )
+        model.warmup()
+        registry.add_reranker(model)
     if cfg.dense_encoder or cfg.sparse_encoder:
         from rerankd.engine import encoders
 

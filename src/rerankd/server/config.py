@@ -23,6 +23,8 @@ class Flag:
     type: type
     default: Any
     help: str
+    # Repeatable flags: given several times, or comma-separated in the environment variable.
+    repeatable: bool = False
 
     @property
     def env(self) -> str:
@@ -34,8 +36,14 @@ class Flag:
 
 
 FLAGS: tuple[Flag, ...] = (
-    Flag("model", str, DEFAULT_MODEL, "cross-encoder: local folder, hub id or bundled:NAME"),
-    Flag("name", str, "", "name clients use for the model (default: last path component)"),
+    Flag(
+        "model",
+        str,
+        (DEFAULT_MODEL,),
+        "cross-encoder [NAME=]folder|hub-id|bundled:NAME; repeat to serve several, first = default",
+        repeatable=True,
+    ),
+    Flag("name", str, "", "name of the first model if it has no NAME= (default: last path part)"),
     Flag("host", str, "127.0.0.1", "address to bind; 0.0.0.0 only when you mean it"),
     Flag("port", int, 50051, "gRPC port (0 = pick a free one and print it)"),
     Flag("http-port", int, 8080, "HTTP/JSON API and /metrics port (0 = pick a free one, -1 = off)"),
@@ -50,6 +58,8 @@ FLAGS: tuple[Flag, ...] = (
     Flag("max-batch-tokens", int, 4096, "padded tokens per inference batch"),
     Flag("max-batch-size", int, 32, "pairs per inference batch"),
     Flag("max-queued-pairs", int, 8192, "pairs waiting before RESOURCE_EXHAUSTED"),
+    Flag("cache-entries", int, 0, "score cache size in entries per model (0 = off)"),
+    Flag("cache-bytes", int, 64 << 20, "score cache bound in bytes per model"),
     Flag("max-message-bytes", int, 32 << 20, "largest gRPC message or HTTP body accepted"),
     Flag("dense-encoder", str, DEFAULT_DENSE, "dense encoder for Embed ('' to disable)"),
     Flag(
@@ -66,7 +76,7 @@ FLAGS: tuple[Flag, ...] = (
 
 @dataclass(frozen=True)
 class ServeConfig:
-    model: str = DEFAULT_MODEL
+    model: tuple[str, ...] = (DEFAULT_MODEL,)
     name: str = ""
     host: str = "127.0.0.1"
     port: int = 50051
@@ -82,6 +92,8 @@ class ServeConfig:
     max_batch_tokens: int = 4096
     max_batch_size: int = 32
     max_queued_pairs: int = 8192
+    cache_entries: int = 0
+    cache_bytes: int = 64 << 20
     max_message_bytes: int = 32 << 20
     dense_encoder: str = DEFAULT_DENSE
     sparse_encoder: str = DEFAULT_SPARSE
@@ -96,13 +108,27 @@ class ServeConfig:
 def add_serve_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
     for flag in FLAGS:
         raw = env.get(flag.env)
+        help_text = f"{flag.help} [env {flag.env}, default {flag.default!r}]"
+        if flag.repeatable:
+            default = tuple(v.strip() for v in raw.split(",") if v.strip()) if raw else flag.default
+            parser.add_argument(
+                f"--{flag.name}", type=flag.type, action="append", default=None, help=help_text
+            )
+            parser.set_defaults(**{f"_{flag.dest}_default": default})
+            continue
         default = flag.type(raw) if raw is not None else flag.default
-        parser.add_argument(
-            f"--{flag.name}",
-            type=flag.type,
-            default=default,
-            help=f"{flag.help} [env {flag.env}, default {flag.default!r}]",
-        )
+        parser.add_argument(f"--{flag.name}", type=flag.type, default=default, help=help_text)
+
+
+def model_specs(cfg: ServeConfig) -> list[tuple[str | None, str]]:
+    """(name or None, source) per `--model`; `--name` names the first one if it has none."""
+    specs: list[tuple[str | None, str]] = []
+    for i, entry in enumerate(cfg.model):
+        name, sep, source = entry.partition("=")
+        if not sep or "/" in name or name.startswith("bundled:"):
+            name, source = "", entry  # a path or source that merely contains "="
+        specs.append((name or (cfg.name if i == 0 else "") or None, source))
+    return specs
 
 
 def parse_serve_args(
@@ -114,4 +140,10 @@ def parse_serve_args(
     except ValueError as exc:
         parser.error(f"bad RERANKD_* environment value: {exc}")
     ns = parser.parse_args(argv)
-    return ServeConfig(**{f.dest: getattr(ns, f.dest) for f in FLAGS})
+    values = {}
+    for f in FLAGS:
+        value = getattr(ns, f.dest)
+        if f.repeatable:
+            value = tuple(value) if value else getattr(ns, f"_{f.dest}_default")
+        values[f.dest] = value
+    return ServeConfig(**values)

@@ -228,13 +228,15 @@ class RerankerService:
         model.validate(query, documents, top_n, options)
         loop = asyncio.get_running_loop()
         t0 = time.perf_counter()
-        pairs = await loop.run_in_executor(
+        prepared = await loop.run_in_executor(
             self.tokenize_pool, model.encode, query, documents, options
         )
         tokenize_s = time.perf_counter() - t0
-        result = await asyncio.wrap_future(model.submit(pairs, deadline))
+        result = await asyncio.wrap_future(model.submit(prepared, deadline))
         response = model.finish(documents, result, top_n, options, tokenize_s)
         self.metrics.add_tokens("rerank", response.model, response.tokens)
+        if response.cache_hits:
+            self.metrics.cache_hits.inc(response.cache_hits)
         return response
 
     async def _rerank(

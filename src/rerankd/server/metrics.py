@@ -16,8 +16,7 @@ What is exported, and why it is shaped so:
 - `rerankd_batch_size{model}` / `rerankd_batch_duration_seconds{model}`: pairs per
   inference batch and time per batch; how well cross-request batching is working.
 - `rerankd_tokens_total{method,model}`: tokens computed (the unit of cost).
-- `rerankd_cache_hits_total`: defined now so dashboards and alerts can be written
-  against it; it stays 0 until a score cache exists.
+- `rerankd_cache_hits_total`: scores served from the score cache (`--cache-entries`).
 - `rerankd_ready`: 1 while models are loaded and the sidecar accepts work.
 """
 
@@ -122,7 +121,7 @@ class Metrics:
             registry=r,
         )
         self.cache_hits = Counter(
-            "rerankd_cache_hits", "Scores served from cache (0 until a cache exists)", registry=r
+            "rerankd_cache_hits", "Scores served from the score cache", registry=r
         )
         self.batch_size = Histogram(
             "rerankd_batch_size",
