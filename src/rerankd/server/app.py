@@ -17,8 +17,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from rerankd.engine.factory import load_reranker
 from rerankd.engine.cache import CacheConfig
+from rerankd.engine.factory import load_reranker
 from rerankd.engine.limits import Limits
 from rerankd.engine.scheduler import SchedulerConfig
 from rerankd.server.auth import TOKENS_ENV, BearerAuthInterceptor, TlsFiles, load_tokens
