@@ -14,7 +14,7 @@ import random
 import threading
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -76,6 +76,8 @@ class ModelInfo:
     device: str
     is_default: bool
     dimension: int
+    supports_depth: bool = False
+    supports_token_pruning: bool = False
 
 
 def _doc(i: int, d: DocumentLike) -> pb.Document:
@@ -90,27 +92,26 @@ def _doc(i: int, d: DocumentLike) -> pb.Document:
     raise InvalidInputError(f"documents[{i}] must be str, Document, (id, text) or dict")
 
 
-def _options(
-    max_length: int,
-    normalization: Normalization | str,
-    return_documents: bool,
-    depth: int,
-    long_docs: LongDocs | str,
-    window_overlap: int,
-    max_doc_tokens: int,
-) -> RerankOptions:
-    try:
-        return RerankOptions(
-            max_length,
-            Normalization(normalization),
-            return_documents,
-            depth,
-            LongDocs(long_docs),
-            window_overlap,
-            max_doc_tokens,
+_OPTION_FIELDS = {f.name for f in fields(RerankOptions)}
+
+
+def make_options(**options: Any) -> RerankOptions:
+    """`RerankOptions` from keyword arguments, with enum values given as strings."""
+    unknown = set(options) - _OPTION_FIELDS
+    if unknown:
+        raise InvalidInputError(
+            f"unknown rerank options {sorted(unknown)}; known: {sorted(_OPTION_FIELDS)}"
         )
+    try:
+        if "normalization" in options:
+            options["normalization"] = Normalization(options["normalization"])
+        if "long_docs" in options:
+            options["long_docs"] = LongDocs(options["long_docs"])
+        if "keep_schedule" in options:
+            options["keep_schedule"] = tuple(options["keep_schedule"])
     except ValueError as exc:
         raise InvalidInputError(f"{exc}; see RerankOptions for the accepted values") from None
+    return RerankOptions(**options)
 
 
 def build_rerank_request(
@@ -128,10 +129,12 @@ def build_rerank_request(
         options.depth,
         options.window_overlap,
         options.max_doc_tokens,
+        options.keep_from_layer,
     )
     if any(n < 0 for n in numbers):
         raise InvalidInputError(
-            "top_n, max_length, depth, window_overlap and max_doc_tokens must be >= 0"
+            "top_n, max_length, depth, window_overlap, max_doc_tokens and keep_from_layer "
+            "must be >= 0"
         )
     return pb.RerankRequest(
         query=query,
@@ -146,6 +149,9 @@ def build_rerank_request(
             long_docs=long_docs,
             window_overlap=options.window_overlap,
             max_doc_tokens=options.max_doc_tokens,
+            keep_schedule=options.keep_schedule,
+            keep_ratio=options.keep_ratio,
+            keep_from_layer=options.keep_from_layer,
         ),
     )
 
@@ -161,6 +167,7 @@ def parse_rerank(resp: pb.RerankResponse, return_documents: bool) -> RerankRespo
         timings=Timings(resp.timings.queue_us, resp.timings.tokenize_us, resp.timings.inference_us),
         cache_hits=resp.usage.cache_hits,
         depth=resp.depth,
+        keep_schedule=tuple(round(x, 6) for x in resp.keep_schedule),
     )
 
 
@@ -222,6 +229,8 @@ def parse_models(resp: pb.ListModelsResponse) -> list[ModelInfo]:
             m.device,
             m.is_default,
             m.dimension,
+            m.supports_depth,
+            m.supports_token_pruning,
         )
         for m in resp.models
     ]
@@ -362,27 +371,17 @@ class RerankClient:
         *,
         top_n: int = 0,
         model: str = "",
-        max_length: int = 0,
-        normalization: Normalization | str = Normalization.RAW,
-        return_documents: bool = False,
-        depth: int = 0,
-        long_docs: LongDocs | str = LongDocs.MAX,
-        window_overlap: int = 0,
-        max_doc_tokens: int = 0,
         timeout: float | None = None,
+        **options: Any,
     ) -> RerankResponse:
-        """Documents best first. `documents`: strings (ids are positions), Documents, (id, text)."""
-        opts = _options(
-            max_length,
-            normalization,
-            return_documents,
-            depth,
-            long_docs,
-            window_overlap,
-            max_doc_tokens,
-        )
+        """Documents best first. `documents`: strings (ids are positions), Documents,
+        (id, text) tuples or {"id", "text"} dicts. `options` are `RerankOptions` fields:
+        max_length, normalization ("raw"|"sigmoid"), return_documents, depth, long_docs
+        ("max"|"truncate"), window_overlap, max_doc_tokens, keep_schedule, keep_ratio,
+        keep_from_layer."""
+        opts = make_options(**options)
         req = build_rerank_request(query, documents, top_n, model, opts)
-        return parse_rerank(self._invoke("Rerank", req, timeout), return_documents)
+        return parse_rerank(self._invoke("Rerank", req, timeout), opts.return_documents)
 
     def embed(
         self,
@@ -471,26 +470,17 @@ class AsyncRerankClient:
         *,
         top_n: int = 0,
         model: str = "",
-        max_length: int = 0,
-        normalization: Normalization | str = Normalization.RAW,
-        return_documents: bool = False,
-        depth: int = 0,
-        long_docs: LongDocs | str = LongDocs.MAX,
-        window_overlap: int = 0,
-        max_doc_tokens: int = 0,
         timeout: float | None = None,
+        **options: Any,
     ) -> RerankResponse:
-        opts = _options(
-            max_length,
-            normalization,
-            return_documents,
-            depth,
-            long_docs,
-            window_overlap,
-            max_doc_tokens,
-        )
+        """Documents best first. `documents`: strings (ids are positions), Documents,
+        (id, text) tuples or {"id", "text"} dicts. `options` are `RerankOptions` fields:
+        max_length, normalization ("raw"|"sigmoid"), return_documents, depth, long_docs
+        ("max"|"truncate"), window_overlap, max_doc_tokens, keep_schedule, keep_ratio,
+        keep_from_layer."""
+        opts = make_options(**options)
         req = build_rerank_request(query, documents, top_n, model, opts)
-        return parse_rerank(await self._invoke("Rerank", req, timeout), return_documents)
+        return parse_rerank(await self._invoke("Rerank", req, timeout), opts.return_documents)
 
     async def embed(
         self,

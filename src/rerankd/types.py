@@ -49,6 +49,11 @@ class RerankOptions:
     long_docs: LongDocs = LongDocs.MAX
     window_overlap: int = 0
     max_doc_tokens: int = 0
+    # Token pruning: the share of each pair's tokens entering each layer run (first 1.0,
+    # non-increasing), or one `keep_ratio` applied from layer `keep_from_layer` (1-based) on.
+    keep_schedule: tuple[float, ...] = ()
+    keep_ratio: float = 0.0
+    keep_from_layer: int = 0
 
 
 @dataclass(frozen=True)
@@ -80,6 +85,7 @@ class RerankResponse:
     timings: Timings = field(default_factory=Timings)
     cache_hits: int = 0
     depth: int = 0  # encoder layers actually run
+    keep_schedule: tuple[float, ...] = ()  # token share per layer used (empty: no pruning)
 
 
 @dataclass(frozen=True)

@@ -320,3 +320,16 @@ def test_depth_and_long_documents_over_grpc(sidecar) -> None:
         assert truncated.tokens < 600
         with pytest.raises(InvalidInputError, match="depth 7 is outside"):
             client.rerank("cats", ["a cat"], depth=7)
+
+
+def test_token_pruning_over_grpc_reports_the_schedule(sidecar) -> None:
+    with RerankClient(sidecar.address, timeout=60) as client:
+        info = client.list_models()[0]
+        assert info.supports_depth
+        docs = ["a cat sat on the mat in the sun", "dogs bark"]
+        if not info.supports_token_pruning:  # the ONNX backend does not prune tokens
+            with pytest.raises(InvalidInputError, match="does not prune tokens"):
+                client.rerank("cats", docs, keep_ratio=0.5, keep_from_layer=3)
+            return
+        resp = client.rerank("cats", docs, keep_ratio=0.5, keep_from_layer=3)
+        assert resp.keep_schedule == (1.0, 1.0, 0.5, 0.5, 0.5, 0.5)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -196,3 +197,83 @@ def test_score_cache_is_exact_and_reports_hits(tiny_checkpoint: Path) -> None:
     finally:
         plain.close()
         cached.close()
+
+
+def _reference_pruned(model, pair, keep: tuple[float, ...]) -> float:
+    """Straightforward one-pair token pruning, independent of `forward_pruned`."""
+    bb = model.backbone
+    ids = torch.from_numpy(pair.input_ids)[None]
+    types = torch.from_numpy(pair.token_type_ids)[None]
+    x = bb.embeddings(ids, torch.ones_like(ids), types)
+    kept = list(range(ids.shape[1]))  # original positions still present
+    n = len(kept)
+    protected = set(np.flatnonzero(pair.protected).tolist())
+    cls_att = None
+    for i, ratio in enumerate(keep):
+        if ratio < 1.0 and cls_att is not None:
+            target = max(math.ceil(n * ratio), len(protected))
+            ranked = sorted(
+                range(len(kept)),
+                key=lambda j: (kept[j] != 0, kept[j] not in protected, -cls_att[j]),
+            )
+            chosen = sorted(ranked[:target])
+            x = x[:, chosen]
+            kept = [kept[j] for j in chosen]
+        layer = bb.encoder.layer[i]
+        att = layer.attention.self
+        b, s, _ = x.shape
+        q = att.query(x).view(b, s, att.num_heads, att.head_dim).transpose(1, 2)
+        k = att.key(x).view(b, s, att.num_heads, att.head_dim).transpose(1, 2)
+        probs = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(att.head_dim), dim=-1)
+        cls_att = probs[0, :, 0, :].mean(0).tolist()
+        x = layer(x, torch.zeros(1, 1, 1, s))
+    return model.head(x).item()
+
+
+def test_keep_schedule_equals_a_reference_that_prunes_the_same_tokens(
+    tiny_checkpoint: Path,
+) -> None:
+    r = load_reranker(str(tiny_checkpoint), backend="torch")
+    model = load_cross_encoder(tiny_checkpoint)
+    try:
+        docs = [
+            Document("a", "cats are small furry animals that like to sleep in the sun"),
+            Document("b", "x"),
+        ]
+        opts = RerankOptions(keep_schedule=(1.0, 0.5))
+        resp = r.rerank("cats", docs, options=opts)
+        assert resp.keep_schedule == (1.0, 0.5)
+        got = {x.id: x.score for x in resp.results}
+        pairs = r.encode("cats", docs, opts).encoded.pairs
+        with torch.inference_mode():
+            for doc, pair in zip(docs, pairs, strict=True):
+                assert math.isclose(
+                    got[doc.id], _reference_pruned(model, pair, (1.0, 0.5)), abs_tol=1e-5
+                )
+        full = _scores(r.rerank("cats", docs))
+        assert not math.isclose(got["a"], full["a"], abs_tol=1e-4)
+        # keep_ratio/keep_from_layer is the same schedule; all-ones means no pruning
+        same = r.rerank("cats", docs, options=RerankOptions(keep_ratio=0.5, keep_from_layer=2))
+        assert _scores(same) == pytest.approx(got, abs=1e-6)
+        ones = r.rerank("cats", docs, options=RerankOptions(keep_schedule=(1.0, 1.0)))
+        assert _scores(ones) == pytest.approx(full, abs=1e-6) and ones.keep_schedule == ()
+    finally:
+        r.close()
+
+
+@pytest.mark.parametrize(
+    ("opts", "message"),
+    [
+        (RerankOptions(keep_schedule=(0.5, 0.5)), "must be 1.0"),
+        (RerankOptions(keep_schedule=(1.0,)), "one per layer"),
+        (RerankOptions(keep_schedule=(1.0, 1.5)), r"in \(0, 1\]"),
+        (RerankOptions(keep_schedule=(1.0, 0.0)), r"in \(0, 1\]"),
+        (RerankOptions(keep_schedule=(1.0, float("nan"))), r"in \(0, 1\]"),
+        (RerankOptions(keep_ratio=-0.5), "keep_ratio"),
+        (RerankOptions(keep_ratio=0.5, keep_from_layer=1), "keep_from_layer"),
+        (RerankOptions(keep_ratio=0.5, keep_schedule=(1.0, 0.5)), "either"),
+    ],
+)
+def test_bad_keep_schedules_say_what_to_fix(reranker, opts, message) -> None:
+    with pytest.raises(InvalidInputError, match=message):
+        reranker.rerank("cats", DOCS, options=opts)

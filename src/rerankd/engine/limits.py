@@ -6,6 +6,7 @@ remote callers of gRPC/HTTP get the same checks and the same messages.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -81,3 +82,36 @@ def validate_rerank(
         raise InvalidInputError(
             f"max_doc_tokens must be >= 0 (0 = the server default), got {options.max_doc_tokens}"
         )
+
+
+def resolve_keep_schedule(options: RerankOptions, layers: int) -> tuple[float, ...]:
+    """The per-layer keep schedule a request asks for (empty: no pruning), validated.
+
+    `layers` is the number of layers the request runs (its depth, or the model's).
+    """
+    sched = tuple(float(r) for r in options.keep_schedule)
+    ratio, start = options.keep_ratio, options.keep_from_layer
+    if sched and (ratio or start):
+        raise InvalidInputError("give either keep_schedule or keep_ratio/keep_from_layer")
+    if ratio or start:
+        if not 0.0 < ratio <= 1.0 or math.isnan(ratio):
+            raise InvalidInputError(f"keep_ratio must be in (0, 1], got {ratio}")
+        start = start or 2
+        if not 2 <= start <= layers:
+            raise InvalidInputError(
+                f"keep_from_layer must be in 2..{layers} (layer 1 reads every token)"
+            )
+        sched = tuple(1.0 if i + 1 < start else ratio for i in range(layers))
+    if not sched:
+        return ()
+    if len(sched) != layers:
+        raise InvalidInputError(
+            f"keep_schedule has {len(sched)} ratios; give one per layer run ({layers})"
+        )
+    if any(math.isnan(r) or not 0.0 < r <= 1.0 for r in sched):
+        raise InvalidInputError(f"keep_schedule ratios must be in (0, 1], got {list(sched)}")
+    if sched[0] != 1.0:
+        raise InvalidInputError("keep_schedule[0] must be 1.0: layer 1 reads every token")
+    if any(b > a for a, b in itertools.pairwise(sched)):
+        raise InvalidInputError("keep_schedule must not increase: pruned tokens do not return")
+    return () if all(r == 1.0 for r in sched) else sched

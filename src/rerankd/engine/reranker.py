@@ -17,10 +17,11 @@ import numpy as np
 
 from rerankd.engine.backends.base import Backend
 from rerankd.engine.cache import CacheConfig, ScoreCache
-from rerankd.engine.limits import Limits, validate_rerank
+from rerankd.engine.limits import Limits, resolve_keep_schedule, validate_rerank
 from rerankd.engine.models.config import ModelConfig
 from rerankd.engine.scheduler import JobResult, Scheduler, SchedulerConfig
 from rerankd.engine.tokenize import EncodedRequest, PairEncoder
+from rerankd.errors import InvalidInputError
 from rerankd.types import (
     Document,
     LongDocs,
@@ -53,6 +54,7 @@ class PreparedRequest:
     keys: list[bytes]
     total: int
     depth: int | None
+    keep: tuple[float, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -123,6 +125,19 @@ class Reranker:
             self.config.max_length,
             self.config.num_layers,
         )
+        if self.keep_schedule(options) and not self.supports_pruning:
+            raise InvalidInputError(
+                f"model {self.name!r} ({self.config.family}, {self.backend.info.name} backend) "
+                "does not prune tokens; drop keep_schedule/keep_ratio or serve a BERT-family "
+                "model with --backend torch"
+            )
+
+    @property
+    def supports_pruning(self) -> bool:
+        return self.config.family != "jina" and self.backend.supports_pruning
+
+    def keep_schedule(self, options: RerankOptions) -> tuple[float, ...]:
+        return resolve_keep_schedule(options, options.depth or self.config.num_layers)
 
     def encode(
         self, query: str, documents: list[Document], options: RerankOptions
@@ -142,7 +157,15 @@ class Reranker:
             overlap=options.window_overlap or DEFAULT_WINDOW_OVERLAP,
             max_doc_tokens=options.max_doc_tokens or self.limits.max_doc_tokens,
         )
-        return PreparedRequest(encoded, todo, known, keys, len(documents), options.depth or None)
+        return PreparedRequest(
+            encoded,
+            todo,
+            known,
+            keys,
+            len(documents),
+            options.depth or None,
+            self.keep_schedule(options) or None,
+        )
 
     def _cache_scope(self, options: RerankOptions) -> str:
         """Everything a raw score depends on besides the query and document text."""
@@ -156,6 +179,7 @@ class Reranker:
                 options.long_docs.value,
                 options.window_overlap or DEFAULT_WINDOW_OVERLAP,
                 options.max_doc_tokens or self.limits.max_doc_tokens,
+                self.keep_schedule(options),
             )
         )
 
@@ -190,7 +214,8 @@ class Reranker:
                 JobResult(scores, res.queue_s, res.inference_s, res.tokens, len(prepared.known))
             )
 
-        self.scheduler.submit(enc.pairs, deadline, depth=prepared.depth).add_done_callback(fold)
+        inner = self.scheduler.submit(enc.pairs, deadline, depth=prepared.depth, keep=prepared.keep)
+        inner.add_done_callback(fold)
         return outer
 
     def finish(
@@ -223,6 +248,7 @@ class Reranker:
             tokens=result.tokens,
             cache_hits=result.cache_hits,
             depth=options.depth or self.config.num_layers,
+            keep_schedule=self.keep_schedule(options),
             timings=Timings(
                 queue_us=int(result.queue_s * 1e6),
                 tokenize_us=int(tokenize_s * 1e6),

@@ -54,7 +54,7 @@ class _Job:
     deadline: float | None
     future: Future[JobResult]
     enqueued: float
-    depth: int | None = None
+    variant: tuple[int | None, tuple[float, ...] | None] = (None, None)
     scores: np.ndarray = field(init=False)
     remaining: int = field(init=False)
     started: float = 0.0
@@ -105,11 +105,16 @@ class Scheduler:
         return self._queued_pairs
 
     def submit(
-        self, pairs: list[EncodedPair], deadline: float | None = None, depth: int | None = None
+        self,
+        pairs: list[EncodedPair],
+        deadline: float | None = None,
+        depth: int | None = None,
+        keep: tuple[float, ...] | None = None,
     ) -> Future[JobResult]:
         """Queue a job; `deadline` is a `time.monotonic()` instant or None.
 
-        Jobs at different `depth`s (None = all layers) share the queue but never a batch.
+        Jobs at different `depth`s (None = all layers) or keep schedules (None = no token
+        pruning) share the queue but never a batch.
         """
         future: Future[JobResult] = Future()
         if not pairs:
@@ -123,7 +128,7 @@ class Scheduler:
                     f"model {self.name!r} queue is full ({self._queued_pairs} pairs queued, "
                     f"limit {self.config.max_queued_pairs}); retry later or on another replica"
                 )
-            self._queue.append(_Job(pairs, deadline, future, time.monotonic(), depth))
+            self._queue.append(_Job(pairs, deadline, future, time.monotonic(), (depth, keep)))
             self._queued_pairs += len(pairs)
             self._cond.notify()
         return future
@@ -174,13 +179,15 @@ class Scheduler:
                 continue
             job.started = now
             live.append(job)
-        by_depth: dict[int | None, list[_Job]] = {}
+        groups: dict[tuple, list[_Job]] = {}
         for job in live:
-            by_depth.setdefault(job.depth, []).append(job)
-        for depth, group in by_depth.items():
-            self._run_group(group, depth)
+            groups.setdefault(job.variant, []).append(job)
+        for (depth, keep), group in groups.items():
+            self._run_group(group, depth, keep)
 
-    def _run_group(self, jobs: list[_Job], depth: int | None) -> None:
+    def _run_group(
+        self, jobs: list[_Job], depth: int | None, keep: tuple[float, ...] | None
+    ) -> None:
         refs = [(job, i) for job in jobs for i in range(len(job.pairs))]
         lengths = [len(job.pairs[i]) for job, i in refs]
         for batch in pack(lengths, self.config.max_batch_tokens, self.config.max_batch_size):
@@ -188,9 +195,13 @@ class Scheduler:
             members = [(job, i) for job, i in members if not job.future.done()]
             if not members:
                 continue
-            inputs = collate([job.pairs[i] for job, i in members], self.pad_id)
+            inputs = collate([job.pairs[i] for job, i in members], self.pad_id, keep is not None)
             t0 = time.perf_counter()
-            scores = self.backend.score(inputs, depth=depth)
+            scores = (
+                self.backend.score(inputs, depth=depth)
+                if keep is None
+                else self.backend.score_pruned(inputs, keep)
+            )
             spent = time.perf_counter() - t0
             self.batches_run += 1
             for (job, i), score in zip(members, scores, strict=True):

@@ -26,6 +26,8 @@ class EncodedPair:
 
     input_ids: np.ndarray
     token_type_ids: np.ndarray
+    # True for tokens token pruning must keep: special tokens and the query.
+    protected: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -122,16 +124,19 @@ class PairEncoder:
     def _pair(self, q: Encoding, d: Encoding) -> EncodedPair:
         enc = self.tokenizer.post_process(q, d, add_special_tokens=True)
         ids = np.asarray(enc.ids, dtype=np.int64)
+        protected = np.asarray([s != 1 for s in enc.sequence_ids], dtype=bool)
         types = (
             np.zeros_like(ids)
             if self.zero_token_types
             else np.asarray(enc.type_ids, dtype=np.int64)
         )
-        return EncodedPair(ids, types)
+        return EncodedPair(ids, types, protected)
 
 
-def collate(pairs: list[EncodedPair], pad_id: int) -> dict[str, np.ndarray]:
-    """Right-pad a batch to its longest pair."""
+def collate(
+    pairs: list[EncodedPair], pad_id: int, with_protected: bool = False
+) -> dict[str, np.ndarray]:
+    """Right-pad a batch to its longest pair (`protected` too when token pruning needs it)."""
     width = max(len(p) for p in pairs)
     ids = np.full((len(pairs), width), pad_id, dtype=np.int64)
     types = np.zeros((len(pairs), width), dtype=np.int64)
@@ -141,4 +146,10 @@ def collate(pairs: list[EncodedPair], pad_id: int) -> dict[str, np.ndarray]:
         ids[i, :n] = p.input_ids
         types[i, :n] = p.token_type_ids
         mask[i, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+    batch = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+    if with_protected:
+        protected = np.zeros((len(pairs), width), dtype=bool)
+        for i, p in enumerate(pairs):
+            protected[i, : len(p)] = p.protected if p.protected is not None else True
+        batch["protected"] = protected
+    return batch

@@ -83,6 +83,9 @@ def options_from_proto(opts: pb.RerankOptions) -> RerankOptions:
         long_docs=_LONG_DOCS[opts.long_docs],
         window_overlap=opts.window_overlap,
         max_doc_tokens=opts.max_doc_tokens,
+        keep_schedule=tuple(opts.keep_schedule),
+        keep_ratio=opts.keep_ratio,
+        keep_from_layer=opts.keep_from_layer,
     )
 
 
@@ -94,6 +97,7 @@ def response_to_proto(resp: RerankResponse) -> pb.RerankResponse:
         ],
         model=resp.model,
         depth=resp.depth,
+        keep_schedule=resp.keep_schedule,
         usage=pb.Usage(tokens=resp.tokens, cache_hits=resp.cache_hits),
         timings=pb.Timings(
             queue_us=resp.timings.queue_us,
@@ -119,6 +123,8 @@ def reranker_info(model: Reranker, is_default: bool) -> pb.ModelInfo:
         precision=i.precision,
         device=i.device,
         is_default=is_default,
+        supports_depth=True,
+        supports_token_pruning=model.supports_pruning,
     )
 
 

@@ -115,6 +115,11 @@ class RerankBody(BaseModel):
     )
     window_overlap: int = Field(0, description="tokens windows share; 0 = default")
     max_doc_tokens: int = Field(0, description="tokens read per document; 0 = default")
+    keep_schedule: list[float] = Field(
+        default_factory=list, description="token share entering each layer; [] = no pruning"
+    )
+    keep_ratio: float = Field(0.0, description="or one keep ratio from keep_from_layer on")
+    keep_from_layer: int = Field(0, description="1-based layer the keep_ratio starts at")
 
 
 class EmbeddingsBody(BaseModel):
@@ -172,6 +177,7 @@ def rerank_payload(resp: RerankResponse, body: RerankBody, request_id: str) -> d
             "tokens": {"input_tokens": resp.tokens},
             "timings": asdict(resp.timings),
             "depth": resp.depth,
+            "keep_schedule": list(resp.keep_schedule),
             "cache_hits": resp.cache_hits,
         },
     }
@@ -212,6 +218,9 @@ def rerank_inputs(body: RerankBody) -> tuple[list[Document], int, RerankOptions]
         long_docs=LongDocs(body.long_docs),
         window_overlap=body.window_overlap,
         max_doc_tokens=body.max_doc_tokens,
+        keep_schedule=tuple(body.keep_schedule),
+        keep_ratio=body.keep_ratio,
+        keep_from_layer=body.keep_from_layer,
     )
     return documents, body.top_n or 0, options
 

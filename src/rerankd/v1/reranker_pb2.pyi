@@ -54,7 +54,7 @@ class Document(_message.Message):
     def __init__(self, id: _Optional[str] = ..., text: _Optional[str] = ...) -> None: ...
 
 class RerankOptions(_message.Message):
-    __slots__ = ("max_length", "normalization", "return_documents", "depth", "long_docs", "window_overlap", "max_doc_tokens")
+    __slots__ = ("max_length", "normalization", "return_documents", "depth", "long_docs", "window_overlap", "max_doc_tokens", "keep_schedule", "keep_ratio", "keep_from_layer")
     MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
     NORMALIZATION_FIELD_NUMBER: _ClassVar[int]
     RETURN_DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
@@ -62,6 +62,9 @@ class RerankOptions(_message.Message):
     LONG_DOCS_FIELD_NUMBER: _ClassVar[int]
     WINDOW_OVERLAP_FIELD_NUMBER: _ClassVar[int]
     MAX_DOC_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    KEEP_SCHEDULE_FIELD_NUMBER: _ClassVar[int]
+    KEEP_RATIO_FIELD_NUMBER: _ClassVar[int]
+    KEEP_FROM_LAYER_FIELD_NUMBER: _ClassVar[int]
     max_length: int
     normalization: Normalization
     return_documents: bool
@@ -69,7 +72,10 @@ class RerankOptions(_message.Message):
     long_docs: LongDocs
     window_overlap: int
     max_doc_tokens: int
-    def __init__(self, max_length: _Optional[int] = ..., normalization: _Optional[_Union[Normalization, str]] = ..., return_documents: bool = ..., depth: _Optional[int] = ..., long_docs: _Optional[_Union[LongDocs, str]] = ..., window_overlap: _Optional[int] = ..., max_doc_tokens: _Optional[int] = ...) -> None: ...
+    keep_schedule: _containers.RepeatedScalarFieldContainer[float]
+    keep_ratio: float
+    keep_from_layer: int
+    def __init__(self, max_length: _Optional[int] = ..., normalization: _Optional[_Union[Normalization, str]] = ..., return_documents: bool = ..., depth: _Optional[int] = ..., long_docs: _Optional[_Union[LongDocs, str]] = ..., window_overlap: _Optional[int] = ..., max_doc_tokens: _Optional[int] = ..., keep_schedule: _Optional[_Iterable[float]] = ..., keep_ratio: _Optional[float] = ..., keep_from_layer: _Optional[int] = ...) -> None: ...
 
 class RerankRequest(_message.Message):
     __slots__ = ("query", "documents", "top_n", "model", "options")
@@ -116,18 +122,20 @@ class Timings(_message.Message):
     def __init__(self, queue_us: _Optional[int] = ..., tokenize_us: _Optional[int] = ..., inference_us: _Optional[int] = ...) -> None: ...
 
 class RerankResponse(_message.Message):
-    __slots__ = ("results", "model", "usage", "timings", "depth")
+    __slots__ = ("results", "model", "usage", "timings", "depth", "keep_schedule")
     RESULTS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     DEPTH_FIELD_NUMBER: _ClassVar[int]
+    KEEP_SCHEDULE_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[RerankResult]
     model: str
     usage: Usage
     timings: Timings
     depth: int
-    def __init__(self, results: _Optional[_Iterable[_Union[RerankResult, _Mapping]]] = ..., model: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., depth: _Optional[int] = ...) -> None: ...
+    keep_schedule: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, results: _Optional[_Iterable[_Union[RerankResult, _Mapping]]] = ..., model: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., depth: _Optional[int] = ..., keep_schedule: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class EmbedRequest(_message.Message):
     __slots__ = ("texts", "dense_model", "input_type", "dense", "sparse", "normalize", "sparse_model")
@@ -186,7 +194,7 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "kind", "source", "architecture", "num_layers", "hidden_size", "num_heads", "max_length", "default_max_length", "backend", "precision", "device", "is_default", "dimension")
+    __slots__ = ("name", "kind", "source", "architecture", "num_layers", "hidden_size", "num_heads", "max_length", "default_max_length", "backend", "precision", "device", "is_default", "dimension", "supports_depth", "supports_token_pruning")
     NAME_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
@@ -201,6 +209,8 @@ class ModelInfo(_message.Message):
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     IS_DEFAULT_FIELD_NUMBER: _ClassVar[int]
     DIMENSION_FIELD_NUMBER: _ClassVar[int]
+    SUPPORTS_DEPTH_FIELD_NUMBER: _ClassVar[int]
+    SUPPORTS_TOKEN_PRUNING_FIELD_NUMBER: _ClassVar[int]
     name: str
     kind: ModelKind
     source: str
@@ -215,7 +225,9 @@ class ModelInfo(_message.Message):
     device: str
     is_default: bool
     dimension: int
-    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[ModelKind, str]] = ..., source: _Optional[str] = ..., architecture: _Optional[str] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., num_heads: _Optional[int] = ..., max_length: _Optional[int] = ..., default_max_length: _Optional[int] = ..., backend: _Optional[str] = ..., precision: _Optional[str] = ..., device: _Optional[str] = ..., is_default: bool = ..., dimension: _Optional[int] = ...) -> None: ...
+    supports_depth: bool
+    supports_token_pruning: bool
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[ModelKind, str]] = ..., source: _Optional[str] = ..., architecture: _Optional[str] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., num_heads: _Optional[int] = ..., max_length: _Optional[int] = ..., default_max_length: _Optional[int] = ..., backend: _Optional[str] = ..., precision: _Optional[str] = ..., device: _Optional[str] = ..., is_default: bool = ..., dimension: _Optional[int] = ..., supports_depth: bool = ..., supports_token_pruning: bool = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)

@@ -25,6 +25,8 @@ class Backend(ABC):
     """Scores batches for one loaded cross-encoder."""
 
     info: BackendInfo
+    #: Whether `score_pruned` is implemented (per-layer token pruning).
+    supports_pruning: bool = False
 
     @abstractmethod
     def score(self, batch: dict[str, np.ndarray], depth: int | None = None) -> np.ndarray:
@@ -32,6 +34,11 @@ class Backend(ABC):
 
         `depth` runs only the first k encoder layers (None = all of them).
         """
+
+    def score_pruned(self, batch: dict[str, np.ndarray], keep: tuple[float, ...]) -> np.ndarray:
+        """Logits with per-layer token pruning: `len(keep)` layers, layer i keeping the
+        `keep[i]` share of tokens; `batch["protected"]` marks tokens never pruned."""
+        raise NotImplementedError(f"{self.info.name} backend does not prune tokens")
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release sessions or device memory."""

@@ -13,6 +13,8 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class TorchBackend(Backend):
+    supports_pruning = True
+
     def __init__(self, model: CrossEncoder, precision: str = "fp32", device: str = "cpu") -> None:
         if precision not in _DTYPES:
             raise ModelLoadError(f"torch backend precision must be one of {sorted(_DTYPES)}")
@@ -29,4 +31,11 @@ class TorchBackend(Backend):
         inputs = {k: torch.from_numpy(v).to(self.device) for k, v in batch.items()}
         with torch.inference_mode():
             logits = self.model(**inputs, depth=depth)
+        return logits.float().cpu().numpy()
+
+    def score_pruned(self, batch: dict[str, np.ndarray], keep: tuple[float, ...]) -> np.ndarray:
+        inputs = {k: torch.from_numpy(v).to(self.device) for k, v in batch.items()}
+        protected = inputs.pop("protected")
+        with torch.inference_mode():
+            logits = self.model.forward_pruned(**inputs, keep=keep, protected=protected)
         return logits.float().cpu().numpy()

@@ -62,6 +62,13 @@ class SelfAttention(nn.Module):
         self.value = nn.Linear(cfg.hidden_size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        return self.attend(x, bias)[0]
+
+    def attend(
+        self, x: torch.Tensor, bias: torch.Tensor, want_cls: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Attention output and, with `want_cls`, the attention [CLS] pays to each token
+        (mean over heads): the importance token pruning ranks by."""
         b, s, h = x.shape
 
         def split(t: torch.Tensor) -> torch.Tensor:
@@ -70,7 +77,8 @@ class SelfAttention(nn.Module):
         q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
         scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.head_dim) + bias
         probs = torch.softmax(scores, dim=-1)
-        return torch.matmul(probs, v).transpose(1, 2).reshape(b, s, h)
+        out = torch.matmul(probs, v).transpose(1, 2).reshape(b, s, h)
+        return out, (probs[:, :, 0, :].mean(dim=1) if want_cls else None)
 
 
 class SelfOutput(nn.Module):
@@ -91,6 +99,11 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         return self.output(self.self(x, bias), x)
+
+    def attend(self, x: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out, cls = self.self.attend(x, bias, want_cls=True)
+        assert cls is not None
+        return self.output(out, x), cls
 
 
 class Intermediate(nn.Module):
@@ -123,6 +136,12 @@ class Layer(nn.Module):
     def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         a = self.attention(x, bias)
         return self.output(self.intermediate(a), a)
+
+    def forward_with_cls(
+        self, x: torch.Tensor, bias: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        a, cls = self.attention.attend(x, bias)
+        return self.output(self.intermediate(a), a), cls
 
 
 class Encoder(nn.Module):
@@ -157,11 +176,67 @@ class BertBackbone(nn.Module):
         depth: int | None = None,
     ) -> torch.Tensor:
         x = self.embeddings(input_ids, attention_mask, token_type_ids)
-        # Additive mask, broadcast over heads and query positions: 0 keep, -large drop.
-        bias = (1.0 - attention_mask[:, None, None, :].to(x.dtype)) * torch.finfo(x.dtype).min
+        bias = _mask_bias(attention_mask, x.dtype)
         for layer in self.encoder.layer[: depth or len(self.encoder.layer)]:
             x = layer(x, bias)
         return x
+
+    def forward_pruned(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor,
+        keep: tuple[float, ...],
+        protected: torch.Tensor,
+    ) -> torch.Tensor:
+        """Run `len(keep)` layers; layer i sees only the `keep[i]` share of each pair's
+        tokens, chosen by the attention [CLS] paid to them in layer i-1.
+
+        `protected` (bool, batch x seq) marks tokens never pruned: [CLS], [SEP] and the
+        query. `keep[0]` must be 1.0: before layer 1 there is no attention to rank by.
+        Returns the hidden states of the kept tokens ([CLS] stays at position 0).
+        """
+        x = self.embeddings(input_ids, attention_mask, token_type_ids)
+        mask = attention_mask.bool()
+        valid = mask.sum(dim=1)
+        cls: torch.Tensor | None = None
+        for i, ratio in enumerate(keep):
+            if ratio < 1.0 and cls is not None:
+                x, mask, protected = _prune(x, mask, protected, cls, valid, ratio)
+            x, cls = self.encoder.layer[i].forward_with_cls(x, _mask_bias(mask, x.dtype))
+        return x
+
+
+def _mask_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask, broadcast over heads and query positions: 0 keep, -large drop."""
+    return (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+
+
+def _prune(
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    protected: torch.Tensor,
+    importance: torch.Tensor,
+    valid: torch.Tensor,
+    ratio: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Keep, per row, ceil(ratio x its original token count) tokens (never fewer than its
+    protected ones): protected first ([CLS] at 0), then by importance; order is restored."""
+    keep_n = torch.maximum(torch.ceil(valid.float() * ratio).long(), protected.sum(dim=1))
+    keep_n = torch.minimum(keep_n, mask.sum(dim=1))
+    score = importance.float().masked_fill(~mask, float("-inf"))
+    score = torch.where(protected & mask, torch.full_like(score, 1e9), score)
+    score[:, 0] = 2e9  # [CLS] first, so the head reads it at position 0
+    width = int(keep_n.max())
+    order = score.topk(width, dim=1).indices
+    kept = torch.arange(width, device=x.device)[None, :] < keep_n[:, None]
+    # restore the original token order among the kept (padding sorts last)
+    positions = torch.where(kept, order, torch.full_like(order, x.shape[1]))
+    positions, _ = positions.sort(dim=1)
+    new_mask = positions < x.shape[1]
+    index = positions.clamp(max=x.shape[1] - 1)
+    x = x.gather(1, index[:, :, None].expand(-1, -1, x.shape[2]))
+    return x, new_mask, protected.gather(1, index) & new_mask
 
 
 class RobertaHead(nn.Module):
@@ -205,6 +280,24 @@ class CrossEncoder(nn.Module):
         depth: int | None = None,
     ) -> torch.Tensor:
         hidden = self.backbone(input_ids, attention_mask, token_type_ids, depth)
+        return self.head(hidden)
+
+    def forward_pruned(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor,
+        keep: tuple[float, ...],
+        protected: torch.Tensor,
+    ) -> torch.Tensor:
+        """Logits with per-layer token pruning (see `BertBackbone.forward_pruned`)."""
+        hidden = self.backbone.forward_pruned(
+            input_ids, attention_mask, token_type_ids, keep, protected
+        )
+        return self.head(hidden)
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The classification head on the first ([CLS]) token of the last layer run."""
         if self.config.head == "pooler":
             logits = self.classifier(self.backbone.pooler(hidden))
         else:
