@@ -304,9 +304,9 @@ class _Policy:
             self._i = (self._i + 1) % self._n
             return self._i
 
-    def peek(self) -> int:
-        """The channel the next pick will return (for the backoff wait)."""
-        return (self._i + 1) % self._n
+    def after(self, k: int) -> int:
+        """The address a call retries on after address `k` failed."""
+        return (k + 1) % self._n
 
     def delay(self, attempt: int) -> float:
         base = min(self.max_backoff, self.backoff * (2**attempt))
@@ -344,8 +344,8 @@ class RerankClient:
         timeout = timeout or self._policy.timeout
         deadline = time.monotonic() + timeout
         attempt = 0
+        k = self._policy.pick()
         while True:
-            k = self._policy.pick()
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise DeadlineExceededError(f"{method}: deadline of {timeout:.3f}s passed")
@@ -356,12 +356,17 @@ class RerankClient:
             except grpc.RpcError as exc:
                 if exc.code() != grpc.StatusCode.UNAVAILABLE or attempt >= self._policy.retries:
                     raise error_from(exc) from None
-            # Back off, but come back as soon as the next channel is connected: a channel
-            # in TRANSIENT_FAILURE only reconnects when asked, which this wait does.
+            # Retry on the next address (this call's own rotation, so concurrent callers
+            # cannot steer it back to the failed one). Back off, but come back as soon as
+            # that channel is connected: a channel in TRANSIENT_FAILURE only reconnects
+            # when asked, which this wait does.
+            k = self._policy.after(k)
             wait = min(self._policy.delay(attempt), max(0.0, deadline - time.monotonic()))
-            nxt = self._channels[self._policy.peek()]
-            with contextlib.suppress(grpc.FutureTimeoutError):
-                grpc.channel_ready_future(nxt).result(timeout=wait)
+            ready = grpc.channel_ready_future(self._channels[k])
+            try:
+                ready.result(timeout=wait)
+            except grpc.FutureTimeoutError:
+                ready.cancel()  # stop its polling thread
             attempt += 1
 
     def rerank(
@@ -445,8 +450,8 @@ class AsyncRerankClient:
         timeout = timeout or self._policy.timeout
         deadline = time.monotonic() + timeout
         attempt = 0
+        k = self._policy.pick()
         while True:
-            k = self._policy.pick()
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise DeadlineExceededError(f"{method}: deadline of {timeout:.3f}s passed")
@@ -457,10 +462,10 @@ class AsyncRerankClient:
             except grpc.RpcError as exc:
                 if exc.code() != grpc.StatusCode.UNAVAILABLE or attempt >= self._policy.retries:
                     raise error_from(exc) from None
+            k = self._policy.after(k)
             wait = min(self._policy.delay(attempt), max(0.0, deadline - time.monotonic()))
-            nxt = self._channels[self._policy.peek()]
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(nxt.channel_ready(), wait)
+                await asyncio.wait_for(self._channels[k].channel_ready(), wait)
             attempt += 1
 
     async def rerank(

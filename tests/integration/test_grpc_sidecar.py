@@ -314,7 +314,9 @@ def test_depth_and_long_documents_over_grpc(sidecar) -> None:
         full = client.rerank("cats", ["a cat", long_doc])
         shallow = client.rerank("cats", ["a cat", long_doc], depth=2)
         assert (full.depth, shallow.depth) == (6, 2)
-        assert {r.index: r.score for r in full.results} != {r.index: r.score for r in shallow.results}
+        assert {r.index: r.score for r in full.results} != {
+            r.index: r.score for r in shallow.results
+        }
         assert full.tokens > 4000  # the long document was read in windows, up to the 4,096 cap
         truncated = client.rerank("cats", ["a cat", long_doc], long_docs="truncate")
         assert truncated.tokens < 600

@@ -25,6 +25,17 @@ class Limits:
     max_doc_tokens: int = 4096
 
 
+def check_unicode(text: str, what: str) -> None:
+    """Refuse text that cannot be encoded as UTF-8 (lone surrogates, e.g. JSON "\\ud800")."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidInputError(
+            f"{what} is not valid Unicode: a lone surrogate (U+{ord(text[exc.start]):04X}) at "
+            f"character {exc.start}; send well-formed UTF-8 text"
+        ) from None
+
+
 def validate_rerank(
     query: str,
     documents: list[Document],
@@ -37,6 +48,7 @@ def validate_rerank(
     """Raise InvalidInputError saying what to fix; return None when the request is sound."""
     if not query or not query.strip():
         raise InvalidInputError("query is empty; send the text to rank documents against")
+    check_unicode(query, "query")
     if len(query) > limits.max_query_chars:
         raise InvalidInputError(
             f"query has {len(query)} characters; the limit is {limits.max_query_chars} "
@@ -50,6 +62,8 @@ def validate_rerank(
             "(--max-documents): split the request"
         )
     for i, doc in enumerate(documents):
+        check_unicode(doc.text, f"documents[{i}]")
+        check_unicode(doc.id, f"documents[{i}].id")
         if len(doc.text) > limits.max_document_chars:
             raise InvalidInputError(
                 f"documents[{i}] has {len(doc.text)} characters; the limit is "

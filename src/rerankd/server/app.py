@@ -139,6 +139,7 @@ class Sidecar:
     async def stop(self) -> None:
         if self.service is not None:
             self.service.ready = False
+            self.service.stopping = True
         await self.health.enter_graceful_shutdown()
         draining = [self.http.stop()] if self.http is not None else []
         if self.server is not None:

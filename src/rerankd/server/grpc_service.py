@@ -18,6 +18,7 @@ from typing import Any
 import grpc
 import numpy as np
 
+from rerankd.engine.limits import check_unicode
 from rerankd.engine.reranker import Reranker
 from rerankd.errors import InvalidInputError, UnavailableError
 from rerankd.server.metrics import Metrics
@@ -160,6 +161,7 @@ class RerankerService:
     ) -> None:
         self.registry = registry
         self.ready = False
+        self.stopping = False
         self.metrics = metrics or Metrics()
         self.max_texts = max_texts
         self.max_text_chars = max_text_chars
@@ -187,7 +189,8 @@ class RerankerService:
                 )
             if not self.ready:
                 code = grpc.StatusCode.UNAVAILABLE
-                await context.abort(code, "models are still loading; retry")
+                state = "shutting down" if self.stopping else "models are still loading"
+                await context.abort(code, f"{state}; retry (on another replica)")
             try:
                 return await body(request, context)
             except asyncio.CancelledError:
@@ -274,6 +277,7 @@ class RerankerService:
                 f"{len(texts)} texts; the limit is {self.max_texts} per request: split it"
             )
         for i, t in enumerate(texts):
+            check_unicode(t, f"texts[{i}]")
             if len(t) > self.max_text_chars:
                 raise InvalidInputError(
                     f"texts[{i}] has {len(t)} characters; the limit is {self.max_text_chars}"

@@ -276,6 +276,7 @@ def create_app(
         title="rerankd",
         summary="Cross-encoder reranking and embeddings; the same engine as the gRPC API.",
         version="1",
+        redirect_slashes=False,  # /v1/rerank/ is a 404 with a JSON error, not a redirect
     )
     # `rerankd_ready` mirrors the same flag that gates both transports, read at scrape time.
     metrics.ready.set_function(lambda: float(service.ready))
