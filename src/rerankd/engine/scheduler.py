@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 class SchedulerConfig:
     """Batching limits. Tokens are counted with padding: batch size x longest pair."""
 
-    max_batch_tokens: int = 4096
+    max_batch_tokens: int = 1024
     max_batch_size: int = 32
     max_queued_pairs: int = 8192
 

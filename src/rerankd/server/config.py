@@ -55,7 +55,7 @@ FLAGS: tuple[Flag, ...] = (
     Flag("max-documents", int, 1000, "documents per request"),
     Flag("max-query-chars", int, 8192, "characters per query"),
     Flag("max-document-chars", int, 100_000, "characters per document"),
-    Flag("max-batch-tokens", int, 4096, "padded tokens per inference batch"),
+    Flag("max-batch-tokens", int, 1024, "padded tokens per inference batch"),
     Flag("max-batch-size", int, 32, "pairs per inference batch"),
     Flag("max-queued-pairs", int, 8192, "pairs waiting before RESOURCE_EXHAUSTED"),
     Flag("cache-entries", int, 0, "score cache size in entries per model (0 = off)"),
@@ -89,7 +89,7 @@ class ServeConfig:
     max_documents: int = 1000
     max_query_chars: int = 8192
     max_document_chars: int = 100_000
-    max_batch_tokens: int = 4096
+    max_batch_tokens: int = 1024
     max_batch_size: int = 32
     max_queued_pairs: int = 8192
     cache_entries: int = 0
