@@ -1,0 +1,229 @@
+"""`rerankd eval` end to end on a SciFact slice: one real sidecar, embedded Qdrant and Milvus.
+
+The runner is called in-process (its `main`, as the CLI does) against a sidecar this module
+spawns once, for each DB; one subprocess run of the installed command reranks a TREC DL run.
+The slice is small so the module stays within about a minute and a half on a busy 2-core
+machine: 8 judged queries, 48 documents (their judged abstracts plus the first others in
+corpus order), 20 candidates, the 2-layer SPLADE-tiny backbone as reranker at 128 tokens.
+
+What could fail: every mode and metric must be reported with values in [0, 1], the sparse
+row must name the first stage each DB really runs (SPLADE in Qdrant, BM25 in Milvus), and
+every first stage must retrieve far better than a random ranking of the slice (whose
+expected NDCG@10 is computed exactly): a broken embedding, index or id mapping lands near
+it. Reranked figures are only range-checked: the bundled reranker's head is untrained.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rerankd.eval.beir import BeirDataset, load_dataset, load_run, subset
+from rerankd.eval.metrics import evaluate
+from rerankd.eval.runner import main, parse_args
+from rerankd.server.process import spawn_sidecar
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+ARGS = [
+    "--model",
+    "bundled:splade-tiny",
+    "--backend",
+    "torch",
+    "--max-length",
+    "128",
+    "--log-level",
+    "WARNING",
+]
+N_QUERIES, N_DOCS, CANDIDATES = 8, 48, 20
+MODES = {"dense", "sparse", "hybrid"}
+METRICS = {"ndcg@10", "mrr@10", "recall@100"}
+
+pytestmark = pytest.mark.slow
+
+
+def _dataset(name: str) -> Path:
+    path = DATA / name
+    if not (path / "corpus.jsonl").exists():
+        pytest.skip(f"shared data set {name!r} not found at {path}")
+    return path
+
+
+@pytest.fixture(scope="module")
+def scifact() -> Path:
+    return _dataset("scifact")
+
+
+@pytest.fixture(scope="module")
+def sidecar(scifact: Path):
+    proc = spawn_sidecar(ARGS)
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module", params=["qdrant", "milvus"])
+def report(
+    request: pytest.FixtureRequest, sidecar, scifact: Path, tmp_path_factory
+) -> tuple[str, dict[str, Any], str]:
+    """(db, the JSON report, the table printed to stdout), one runner call per DB."""
+    db = request.param
+    out = tmp_path_factory.mktemp(f"eval-{db}") / "report.json"
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        code = main(
+            [
+                "--dataset",
+                str(scifact),
+                "--db",
+                db,
+                "--address",
+                sidecar.address,
+                "--max-queries",
+                str(N_QUERIES),
+                "--max-docs",
+                str(N_DOCS),
+                "--candidates",
+                str(CANDIDATES),
+                "--max-length",
+                "128",
+                "--json",
+                str(out),
+                "--no-progress",
+            ]
+        )
+    assert code == 0
+    return db, json.loads(out.read_text()), buf.getvalue()
+
+
+def test_report_has_every_mode_and_metric_in_range(report) -> None:
+    db, rep, _ = report
+    assert rep["db"] == db and rep["candidates"] == CANDIDATES
+    assert rep["dataset"]["queries"] == N_QUERIES and rep["dataset"]["docs"] == N_DOCS
+    assert rep["dataset"]["relevance_threshold"] == 1
+    assert rep["reranker"]["source"] == "bundled:splade-tiny"
+    assert rep["reranker"]["untrained_head"] is True
+    assert rep["sidecar"]["spawned"] is False  # --address: the module's own sidecar
+    assert set(rep["modes"]) == MODES
+    for mode, row in rep["modes"].items():
+        assert row["queries"] == N_QUERIES, mode
+        for key in ("first_stage_metrics", "reranked_metrics"):
+            assert set(row[key]) == METRICS, (mode, key)
+            assert all(0.0 <= v <= 1.0 for v in row[key].values()), (mode, key, row[key])
+        for stage in ("first_stage", "rerank"):
+            lat = row["latency_ms"][stage]
+            assert lat["mean"] > 0 and lat["p50"] > 0, (mode, stage, lat)
+        # 20 candidates < 100: reranking only reorders them, so Recall@100 cannot change
+        assert row["per_query"]["first_stage"].keys() == row["per_query"]["reranked"].keys()
+        for qid, first in row["per_query"]["first_stage"].items():
+            assert row["per_query"]["reranked"][qid]["recall@100"] == first["recall@100"]
+
+
+def _random_ndcg10(data: BeirDataset) -> float:
+    """Expected NDCG@10 of a uniformly random ranking of the whole slice, averaged over its
+    queries: each document lands at each rank with probability 1/N."""
+    n = len(data.corpus)
+    discount = sum(1 / math.log2(r + 1) for r in range(1, min(10, n) + 1)) / n
+    total = 0.0
+    for judgments in data.qrels.values():
+        gains = sorted((g for g in judgments.values() if g > 0), reverse=True)
+        ideal = sum(g / math.log2(r + 1) for r, g in enumerate(gains[:10], start=1))
+        total += sum(gains) * discount / ideal
+    return total / len(data.qrels)
+
+
+def test_first_stage_beats_a_random_ranking(report, scifact: Path) -> None:
+    """Every first stage must be far above a random ranking of the slice: a broken
+    embedding, index or id mapping lands near it (the reranked rows, untrained, do)."""
+    db, rep, _ = report
+    data = subset(load_dataset(scifact), max_queries=N_QUERIES, max_docs=N_DOCS)
+    baseline = _random_ndcg10(data)
+    assert 0.05 < baseline < 0.3
+    dense = rep["modes"]["dense"]["first_stage_metrics"]
+    assert dense["ndcg@10"] > max(0.5, baseline + 0.3), (db, dense, baseline)
+    for mode in ("sparse", "hybrid"):
+        got = rep["modes"][mode]["first_stage_metrics"]["ndcg@10"]
+        assert got > max(0.4, baseline + 0.2), (db, mode, got, baseline)
+
+
+def test_table_names_the_first_stage_of_each_row(report) -> None:
+    db, rep, table = report
+    lines = table.splitlines()
+    assert "NDCG@10" in table and "MRR@10" in table and "R@100" in table
+    for mode in MODES:
+        row = next(line for line in lines if line.startswith(mode))
+        assert rep["modes"][mode]["first_stage"] in row
+        assert f"{rep['modes'][mode]['first_stage_metrics']['ndcg@10']:.4f}" in row
+    sparse = rep["modes"]["sparse"]["first_stage"]
+    assert ("SPLADE" in sparse) if db == "qdrant" else ("BM25" in sparse), sparse
+    assert db in sparse
+    assert sum(line.strip().startswith("reranked ") for line in lines) == len(MODES)
+    assert "untrained" in table  # the bad reranked figures are explained, not hidden
+
+
+def test_cli_reranks_a_trec_run(sidecar, tmp_path: Path) -> None:
+    """The installed command, on DL19's BM25 run: first-stage figures are the run's own."""
+    root = _dataset("trec-dl-2019")
+    out = tmp_path / "dl19.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rerankd.cli",
+            "eval",
+            "--dataset",
+            str(root),
+            "--run",
+            "bm25.top100",
+            "--address",
+            sidecar.address,
+            "--max-queries",
+            "3",
+            "--candidates",
+            "10",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    rep = json.loads(out.read_text())
+    assert rep["dataset"]["relevance_threshold"] == 2  # trec-dl: binary metrics at grade >= 2
+    assert list(rep["modes"]) == ["run"]
+    row = rep["modes"]["run"]
+    assert "bm25.top100" in row["first_stage"] and row["queries"] == 3
+    assert row["candidates_without_text"] == 0
+    # first-stage figures are exactly the run's top 10 scored independently here
+    data = subset(load_dataset(root), max_queries=3, relevance_threshold=2)
+    run = load_run(root / "runs" / "bm25.top100.trec")
+    ref = evaluate(
+        {q: [d for d, _ in run[q][:10]] for q in data.queries},
+        data.qrels,
+        ["ndcg@10", "mrr@10", "recall@100"],
+        relevance_threshold=2,
+    )
+    assert row["first_stage_metrics"] == pytest.approx(ref.means)
+    assert row["latency_ms"]["first_stage"] is None and row["latency_ms"]["rerank"]["p50"] > 0
+    assert "run" in proc.stdout and "NDCG@10" in proc.stdout
+    assert "{" not in proc.stdout  # the table only; progress bars go to stderr
+
+
+def test_run_excludes_db_flags(scifact: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        parse_args(["--dataset", str(scifact), "--run", "x.trec", "--db", "qdrant"])
+    assert "--run replaces it" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["--dataset", str(scifact), "--modes", "dense,bm25"])
+    opts = parse_args(["--dataset", str(scifact), "--modes", "sparse, dense"])
+    assert opts.db == "qdrant" and list(opts.modes) == ["sparse", "dense"]
