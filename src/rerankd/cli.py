@@ -83,9 +83,16 @@ def _demo(argv: Sequence[str]) -> int:
     return demo_main(argv)
 
 
+def _eval(argv: Sequence[str]) -> int:
+    from rerankd.eval.runner import main as eval_main
+
+    return eval_main(argv)
+
+
 COMMANDS = {
     "serve": (_serve, "run the gRPC sidecar"),
     "demo": (_demo, "start a sidecar on the bundled model and rerank examples"),
+    "eval": (_eval, "first-stage vs reranked NDCG/MRR/Recall on a BEIR data set"),
     "rerank": (_rerank, "rerank documents with a running sidecar"),
     "models": (_models, "list the models a running sidecar holds"),
     "convert-backbone": (_convert, "make a cross-encoder checkpoint from a bare encoder"),
