@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rerankd.engine.models.bert import Pooler, SelfOutput
 from rerankd.engine.models.config import ModelConfig
 
 # feed_forward_type -> activation of the gated half. The reference uses `nn.GELU()`
@@ -104,23 +105,13 @@ class JinaSelfAttention(nn.Module):
         return ctx.transpose(1, 2).reshape(b, s, h)
 
 
-class JinaSelfOutput(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-
-    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        return self.LayerNorm(self.dense(x) + residual)
-
-
 class JinaAttention(nn.Module):
     """`attention.self` + `attention.output` (post-LN residual), as in BERT."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.self = JinaSelfAttention(cfg)
-        self.output = JinaSelfOutput(cfg)
+        self.output = SelfOutput(cfg)  # the same post-LN residual as BERT's
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         return self.output(self.self(x, bias), x)
@@ -160,15 +151,6 @@ class JinaEncoder(nn.Module):
         self.layer = nn.ModuleList(JinaLayer(cfg) for _ in range(cfg.num_layers))
 
 
-class JinaPooler(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.dense(hidden[:, 0]))
-
-
 class JinaBertBackbone(nn.Module):
     """Embeddings + encoder + pooler: the part named `bert.` in the checkpoints."""
 
@@ -176,7 +158,7 @@ class JinaBertBackbone(nn.Module):
         super().__init__()
         self.embeddings = JinaEmbeddings(cfg)
         self.encoder = JinaEncoder(cfg)
-        self.pooler = JinaPooler(cfg)
+        self.pooler = Pooler(cfg)  # BERT's: dense + tanh on [CLS]
         # A plain tuple, not a buffer: nothing extra in the state dict, and casting the
         # module to fp16 does not round the slopes (the bias is built in fp32).
         self.slopes = tuple(alibi_slopes(cfg.num_heads))
