@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from scipy.stats import spearmanr
 
 from rerankd import AsyncRerankClient, RerankClient
 from rerankd.engine.factory import load_reranker
@@ -98,15 +97,17 @@ def test_plain_stub_reranks_100_dl19_candidates(stub, dl19) -> None:
         assert (r.id, r.text) == cands[r.index]
     assert resp.usage.tokens > 100 * 10
     assert resp.timings.inference_us > 0 and resp.model == "all-minilm-l6-v2"
-    # Same ranking as the in-process fp32 engine on the same weights.
-    ref_model = load_reranker(MODEL, backend="torch", default_max_length=256)
+    # The gRPC path adds nothing: the in-process engine, same weights, backend and batching,
+    # gives the same scores. (Parity with sentence-transformers per backend, int8
+    # included, is tested in test_onnx_backend.py and test_parity_torch.py.)
+    ref_model = load_reranker(MODEL, default_max_length=256)
     try:
         ref = ref_model.rerank(query, [Document(i, t) for i, t in cands]).results
     finally:
         ref_model.close()
     served = np.array([r.score for r in sorted(resp.results, key=lambda r: r.index)])
     local = np.array([r.score for r in sorted(ref, key=lambda r: r.index)])
-    assert spearmanr(served, local).statistic >= 0.99
+    np.testing.assert_allclose(served, local, atol=1e-5)
 
 
 def test_top_n_and_list_models(sidecar) -> None:
@@ -253,18 +254,26 @@ def test_async_client(sidecar) -> None:
     assert asyncio.run(run()) == list(range(1, 9))
 
 
-def test_concurrent_callers_get_their_own_results(sidecar, dl19) -> None:
-    """Pooled batching must route every score to its request: compare with single calls."""
+def test_concurrent_callers_get_their_own_results(dl19) -> None:
+    """Pooled batching must route every score to its request: compare with single calls.
+
+    On torch fp32, whose scores do not depend on batch neighbours (int8 activations are
+    quantised per batch, so its scores shift slightly with the company a pair keeps).
+    """
+    proc = spawn_sidecar([*SERVE_ARGS, "--backend", "torch"])
     requests = [(q, [t for _, t in c[:30]]) for q, c in dl19[:4]]
-    with RerankClient(sidecar.address, timeout=60) as client:
-        single = [client.rerank(q, docs) for q, docs in requests]
-        with concurrent.futures.ThreadPoolExecutor(8) as pool:
-            pooled = list(pool.map(lambda qd: client.rerank(*qd), requests * 4))
+    try:
+        with RerankClient(proc.address, timeout=120) as client:
+            single = [client.rerank(q, docs) for q, docs in requests]
+            with concurrent.futures.ThreadPoolExecutor(8) as pool:
+                pooled = list(pool.map(lambda qd: client.rerank(*qd), requests * 4))
+    finally:
+        proc.stop()
     for i, resp in enumerate(pooled):
         ref = single[i % len(requests)]
-        assert [r.index for r in resp.results] == [r.index for r in ref.results]
+        by_index = {r.index: r.score for r in ref.results}
         np.testing.assert_allclose(
-            [r.score for r in resp.results], [r.score for r in ref.results], atol=1e-4
+            [r.score for r in resp.results], [by_index[r.index] for r in resp.results], atol=1e-5
         )
 
 
