@@ -15,7 +15,7 @@ demo: $(STAMP)
 	$(PY) -m rerankd.cli demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=20
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q tests/unit
