@@ -83,6 +83,18 @@ def _demo(argv: Sequence[str]) -> int:
     return demo_main(argv)
 
 
+def _train(argv: Sequence[str]) -> int:
+    from rerankd.train.cli import main_train
+
+    return main_train(argv)
+
+
+def _distill(argv: Sequence[str]) -> int:
+    from rerankd.train.cli import main_distill
+
+    return main_distill(argv)
+
+
 def _eval(argv: Sequence[str]) -> int:
     from rerankd.eval.runner import main as eval_main
 
@@ -96,6 +108,8 @@ COMMANDS = {
     "rerank": (_rerank, "rerank documents with a running sidecar"),
     "models": (_models, "list the models a running sidecar holds"),
     "convert-backbone": (_convert, "make a cross-encoder checkpoint from a bare encoder"),
+    "train": (_train, "fine-tune a cross-encoder on a BEIR train split (hard negatives)"),
+    "distill": (_distill, "teacher -> student, or Matryoshka cascaded self-distillation"),
 }
 
 

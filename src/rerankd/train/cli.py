@@ -1,0 +1,244 @@
+"""`rerankd train` and `rerankd distill`: flags -> `TrainConfig` -> `train()`.
+
+Both print a one-line JSON summary at the end (the per-epoch detail is in the output
+folder's `train_log.jsonl`) and exit 2 with a message on a refused setup (evaluation data,
+a mismatched resume, nonsense flags).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from rerankd.train.losses import DISTILL_LOSSES
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _layers(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated layer indices: {text!r}"
+        ) from None
+
+
+def _common(p: argparse.ArgumentParser, *, lr: float, ce_weight: float) -> None:
+    """Flags every run shares: data, optimisation, budget, reproducibility."""
+    d = p.add_argument_group("data")
+    d.add_argument("--dataset", type=Path, required=True, help="a BEIR-layout folder")
+    d.add_argument("--split", default="train", help="qrels split to train on (test is refused)")
+    d.add_argument(
+        "--miner",
+        default="bm25",
+        help="first stage for hard negatives: bm25, dense[:SRC], sparse[:SRC], run:PATH",
+    )
+    d.add_argument("--negatives", type=_positive_int, default=7, help="hard negatives per group")
+    d.add_argument("--depth", type=_positive_int, default=30, help="negatives come from top N")
+    d.add_argument("--skip-top", type=int, default=0, help="skip the first N candidates")
+    d.add_argument("--max-queries", type=_positive_int, help="first N judged queries only")
+    d.add_argument("--max-docs", type=_positive_int, help="cap the corpus (judged docs kept)")
+    d.add_argument("--dev-queries", type=int, default=50, help="train queries held apart for dev")
+    d.add_argument("--dev-candidates", type=_positive_int, default=30, help="dev rerank depth")
+    o = p.add_argument_group("optimisation")
+    o.add_argument("--epochs", type=_positive_int, default=1)
+    o.add_argument("--lr", type=float, default=lr)
+    o.add_argument("--batch-groups", type=_positive_int, default=8, help="groups per step")
+    o.add_argument("--max-length", type=_positive_int, default=256, help="tokens per pair")
+    o.add_argument("--warmup", type=float, default=0.1, help="share of steps warming up")
+    o.add_argument("--weight-decay", type=float, default=0.01)
+    o.add_argument("--grad-clip", type=float, default=1.0, help="max grad norm (0 = off)")
+    o.add_argument("--bf16", action="store_true", help="bf16 autocast on CPU")
+    o.add_argument(
+        "--freeze-embeddings", action="store_true", help="keep the word embeddings fixed"
+    )
+    o.add_argument("--ce-weight", type=float, default=ce_weight, help="listwise CE on labels")
+    o.add_argument("--distill-loss", choices=DISTILL_LOSSES, default="kl")
+    o.add_argument("--distill-weight", type=float, default=1.0)
+    o.add_argument("--temperature", type=float, default=1.0)
+    r = p.add_argument_group("run")
+    r.add_argument("--out", type=Path, required=True, help="output (and checkpoint) folder")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--max-minutes", type=float, help="stop after the step crossing this, and save")
+    r.add_argument("--max-steps", type=_positive_int, help="stop after this many steps, and save")
+    r.add_argument("--save-every", type=int, default=0, help="also checkpoint every N steps")
+    r.add_argument("--dev-every", type=int, default=0, help="also log dev every N steps")
+    r.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    r.add_argument("--threads", type=int, default=0, help="torch threads (0 = one per core)")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _config_kwargs(ns: argparse.Namespace) -> dict:
+    return {
+        "dataset": ns.dataset,
+        "out": ns.out,
+        "split": ns.split,
+        "miner": ns.miner,
+        "negatives": ns.negatives,
+        "depth": ns.depth,
+        "skip_top": ns.skip_top,
+        "max_queries": ns.max_queries,
+        "max_docs": ns.max_docs,
+        "dev_queries": ns.dev_queries,
+        "dev_candidates": ns.dev_candidates,
+        "epochs": ns.epochs,
+        "lr": ns.lr,
+        "batch_groups": ns.batch_groups,
+        "max_length": ns.max_length,
+        "warmup": ns.warmup,
+        "weight_decay": ns.weight_decay,
+        "grad_clip": ns.grad_clip,
+        "bf16": ns.bf16,
+        "freeze_embeddings": ns.freeze_embeddings,
+        "ce_weight": ns.ce_weight,
+        "distill_loss": ns.distill_loss,
+        "distill_weight": ns.distill_weight,
+        "temperature": ns.temperature,
+        "seed": ns.seed,
+        "max_minutes": ns.max_minutes,
+        "max_steps": ns.max_steps,
+        "save_every": ns.save_every,
+        "dev_every": ns.dev_every,
+        "resume": ns.resume,
+        "threads": ns.threads,
+        "progress": not ns.no_progress,
+    }
+
+
+def train_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="rerankd train",
+        description="Fine-tune a cross-encoder on (query, positive, hard negatives) groups "
+        "from a BEIR train split; the output folder is servable with `rerankd serve --model`.",
+    )
+    p.add_argument(
+        "--backbone",
+        default="bundled:all-minilm-l6-v2",
+        help="bundled:all-minilm-l6-v2, bundled:splade-tiny, or a BERT-family folder "
+        "(a bare encoder gets a head drawn from --seed)",
+    )
+    p.add_argument("--teacher-scores", type=Path, help="teacher scores (qid did score) to distil")
+    _common(p, lr=5e-5, ce_weight=1.0)
+    return p
+
+
+def distill_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="rerankd distill",
+        description="(a) teacher -> student: a shallower student initialised from the "
+        "teacher's layers learns the teacher's scores; (b) --matryoshka: every depth k learns "
+        "from depth k+1 (per-depth heads in the checkpoint) while the full depth learns labels.",
+    )
+    p.add_argument("--teacher", help="teacher cross-encoder folder (student distillation)")
+    p.add_argument(
+        "--student-layers", type=_positive_int, default=2, help="layers the student keeps"
+    )
+    p.add_argument(
+        "--layer-map",
+        type=_layers,
+        help="teacher layers the student starts from, e.g. 0,5 (default: evenly spaced "
+        "including the first and last)",
+    )
+    p.add_argument(
+        "--queries",
+        choices=("train", "pseudo", "both"),
+        default="train",
+        help="train queries, pseudo queries from document titles/leading sentences, or both",
+    )
+    p.add_argument("--pseudo-queries", type=int, default=500, help="how many pseudo queries")
+    p.add_argument("--matryoshka", action="store_true", help="cascaded self-distillation")
+    p.add_argument("--model", help="cross-encoder (or backbone) to train with --matryoshka")
+    p.add_argument("--cascade-loss", choices=DISTILL_LOSSES, default="kl")
+    p.add_argument("--cascade-weight", type=float, default=1.0)
+    _common(p, lr=1e-4, ce_weight=0.0)
+    return p
+
+
+def _run(cfg: object) -> int:
+    from rerankd.errors import RerankdError
+    from rerankd.train.data import EvaluationDataError
+    from rerankd.train.trainer import TrainingError, train
+
+    logging.basicConfig(level="WARNING")
+    try:
+        result = train(cfg)  # type: ignore[arg-type]
+    except (EvaluationDataError, TrainingError, RerankdError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    last = result.history[-1] if result.history else {}
+    summary = {
+        "out": str(result.out),
+        "step": result.step,
+        "epochs_done": result.epochs_done,
+        "stopped": result.stopped,
+        "initial_dev": result.initial_dev,
+        "last_dev": result.last_dev,
+        "last_epoch": {k: v for k, v in last.items() if k != "dev"},
+    }
+    print(json.dumps(summary))
+    return 0
+
+
+def main_train(argv: Sequence[str]) -> int:
+    from rerankd.train.trainer import TrainConfig
+
+    ns = train_parser().parse_args(argv)
+    cfg = TrainConfig(
+        backbone=ns.backbone,
+        mode="train",
+        teacher_scores=ns.teacher_scores,
+        **_config_kwargs(ns),
+    )
+    return _run(cfg)
+
+
+def main_distill(argv: Sequence[str]) -> int:
+    from rerankd.train.trainer import TrainConfig
+
+    p = distill_parser()
+    ns = p.parse_args(argv)
+    if ns.matryoshka:
+        if not ns.model:
+            p.error("--matryoshka needs --model (the cross-encoder to make depth-elastic)")
+        if ns.teacher:
+            p.error("--matryoshka distils a model into itself; it takes no --teacher")
+        kwargs = _config_kwargs(ns)
+        if "--ce-weight" not in argv:
+            kwargs["ce_weight"] = 1.0  # the full depth learns from labels
+        cfg = TrainConfig(
+            backbone=ns.model,
+            mode="matryoshka",
+            cascade_loss=ns.cascade_loss,
+            cascade_weight=ns.cascade_weight,
+            **kwargs,
+        )
+    else:
+        if not ns.teacher:
+            p.error("student distillation needs --teacher (or pass --matryoshka --model)")
+        explicit = "--student-layers" in argv
+        if ns.layer_map and explicit and len(ns.layer_map) != ns.student_layers:
+            p.error(
+                f"--layer-map names {len(ns.layer_map)} layers, --student-layers says "
+                f"{ns.student_layers}"
+            )
+        cfg = TrainConfig(
+            backbone=ns.teacher,
+            mode="student",
+            teacher=ns.teacher,
+            student_num_layers=len(ns.layer_map) if ns.layer_map else ns.student_layers,
+            student_layers=ns.layer_map,
+            query_source=ns.queries,
+            pseudo_queries=ns.pseudo_queries if ns.queries != "train" else 0,
+            **_config_kwargs(ns),
+        )
+    return _run(cfg)

@@ -1,0 +1,342 @@
+"""Models for training: cross-encoders from backbones, students from teachers, per-depth heads.
+
+Training runs on the engine's own `CrossEncoder` (no `transformers`), so what is trained is
+exactly what is served, and the checkpoint folder is a standard Hugging Face
+sequence-classification folder that `rerankd serve --model DIR` (and sentence-transformers)
+load unchanged.
+
+Matryoshka per-depth heads
+--------------------------
+`rerankd distill --matryoshka` adds, for every depth k = 1 .. L-1 (k = the number of encoder
+layers run, as in the engine's `depth` option), a linear head stored in the *same*
+`model.safetensors` under rerankd names:
+
+    classifier_depth{k}.weight   float32 [num_labels, hidden_size]
+    classifier_depth{k}.bias     float32 [num_labels]
+
+The score at depth k is `classifier_depth{k}(tanh(bert.pooler.dense(h_k[:, 0])))[:, 0]`,
+where `h_k` is the hidden state after encoder layer k (the output of
+`BertBackbone(..., depth=k)`): the shared BERT pooler on the [CLS] token, then the depth's
+own head. Depth L keeps the Hugging Face head `classifier.*`. `rerankd.json` in the folder
+describes this under `"matryoshka"`. The heads are separate because layer k's [CLS] is not
+in the space the full-depth head was trained on; the pooler is shared because it is a
+hidden-to-hidden map that every depth's head can adapt to, and one head per depth is then
+H + 1 parameters.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from rerankd.engine.bundled import PREFIX as BUNDLED_PREFIX
+from rerankd.engine.bundled import backbone_dir
+from rerankd.engine.checkpoint import read_weights
+from rerankd.engine.convert import backbone_to_cross_encoder
+from rerankd.engine.models.bert import CrossEncoder
+from rerankd.engine.models.config import ModelConfig
+from rerankd.engine.tokenize import PairEncoder, collate, load_tokenizer
+from rerankd.errors import ModelLoadError
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+)
+DEPTH_HEAD = "classifier_depth{k}"
+_DEPTH_HEAD_NAME = re.compile(r"^classifier_depth(\d+)\.(weight|bias)$")
+_LAYER_NAME = re.compile(r"^(bert|roberta)\.encoder\.layer\.(\d+)\.(.+)$")
+
+
+def resolve_backbone(spec: str) -> Path:
+    """`bundled:NAME` -> the bundled *bare* backbone folder; else a local folder.
+
+    Unlike serving's `bundled:NAME` (a cross-encoder with a seed-0 head), training wants the
+    backbone itself, so the head is drawn from the run's own seed.
+    """
+    if spec.startswith(BUNDLED_PREFIX):
+        return backbone_dir(spec[len(BUNDLED_PREFIX) :])
+    path = Path(spec).expanduser()
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"{spec!r} is neither bundled:NAME nor a folder with config.json")
+    return path
+
+
+def is_cross_encoder(folder: Path) -> bool:
+    """Whether a checkpoint already has a classification head (else it is a bare encoder)."""
+    return any(k.startswith("classifier.") for k in read_weights(folder))
+
+
+def prepare_init(spec: str, workdir: Path, seed: int) -> tuple[Path, dict[str, Any]]:
+    """A cross-encoder folder to start from, and how it was made (for the run log).
+
+    A bare encoder is converted with a head drawn from `seed` into `workdir`; a
+    cross-encoder folder is used as it is.
+    """
+    src = resolve_backbone(spec)
+    if is_cross_encoder(src):
+        return src, {"init": str(src), "head": "from checkpoint"}
+    dst = backbone_to_cross_encoder(src, workdir / "init", seed=seed)
+    return dst, {"init": str(src), "head": f"untrained, seed {seed}"}
+
+
+def split_depth_heads(
+    weights: Mapping[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(the Hugging Face tensors, the rerankd per-depth head tensors)."""
+    base = {k: v for k, v in weights.items() if not _DEPTH_HEAD_NAME.match(k)}
+    heads = {k: v for k, v in weights.items() if _DEPTH_HEAD_NAME.match(k)}
+    return base, heads
+
+
+def head_depths(weights: Mapping[str, torch.Tensor]) -> list[int]:
+    """The depths that have a per-depth head in `weights`, ascending."""
+    return sorted({int(m.group(1)) for k in weights if (m := _DEPTH_HEAD_NAME.match(k))})
+
+
+class TrainableReranker(nn.Module):
+    """The engine's `CrossEncoder`, plus optional per-depth heads (Matryoshka).
+
+    Its state dict is `model.<HF name>` and `classifier_depth{k}.*`; `export_state` gives the
+    checkpoint names (HF names unprefixed).
+    """
+
+    def __init__(self, model: CrossEncoder, depths: Sequence[int] = ()) -> None:
+        super().__init__()
+        self.model = model
+        cfg = model.config
+        bad = [k for k in depths if not 1 <= k < cfg.num_layers]
+        if bad:
+            raise ValueError(f"per-depth heads need 1 <= k < {cfg.num_layers}, got {bad}")
+        if depths and cfg.head != "pooler":
+            raise ModelLoadError(
+                f"per-depth heads are implemented for BERT-family (pooler) heads, not {cfg.family}"
+            )
+        self.depths = sorted(set(depths))
+        for k in self.depths:
+            self.add_module(DEPTH_HEAD.format(k=k), nn.Linear(cfg.hidden_size, cfg.num_labels))
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.model.config
+
+    def head(self, k: int) -> nn.Linear:
+        return getattr(self, DEPTH_HEAD.format(k=k))
+
+    def init_heads_from_classifier(self) -> None:
+        """Start every depth head as a copy of the full-depth head: a trained model's head
+        is a better start than noise, since all depths share the pooler."""
+        for k in self.depths:
+            self.head(k).load_state_dict(self.model.classifier.state_dict())
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor
+    ) -> torch.Tensor:
+        """Full-depth scores, one per pair (exactly the engine's forward)."""
+        return self.model(input_ids, attention_mask, token_type_ids)
+
+    def forward_depths(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor
+    ) -> torch.Tensor:
+        """Scores at every head depth and at full depth: shape (len(depths) + 1, pairs).
+
+        One pass through the encoder; row i is depth `self.depths[i]`, the last row depth L.
+        """
+        bb = self.model.backbone
+        x = bb.embeddings(input_ids, attention_mask, token_type_ids)
+        bias = (1.0 - attention_mask[:, None, None, :].to(x.dtype)) * torch.finfo(x.dtype).min
+        rows: list[torch.Tensor] = []
+        wanted = set(self.depths)
+        for i, layer in enumerate(bb.encoder.layer, start=1):
+            x = layer(x, bias)
+            if i in wanted:
+                rows.append(self.head(i)(bb.pooler(x))[:, 0])
+        rows.append(self.model.classifier(bb.pooler(x))[:, 0])
+        return torch.stack(rows)
+
+    def export_state(self) -> dict[str, torch.Tensor]:
+        """Checkpoint tensors: HF names for the cross-encoder, rerankd names for the heads."""
+        out: dict[str, torch.Tensor] = {}
+        for name, t in self.state_dict().items():
+            key = name.removeprefix("model.")
+            out[key] = t.detach().to(torch.float32).contiguous().clone()
+        return out
+
+    def load_export(self, weights: Mapping[str, torch.Tensor]) -> None:
+        """Load `export_state`-named tensors, refusing any mismatch by name."""
+        renamed = {
+            (k if _DEPTH_HEAD_NAME.match(k) else f"model.{k}"): v for k, v in weights.items()
+        }
+        missing, unexpected = self.load_state_dict(renamed, strict=False)
+        if missing or unexpected:
+            raise ModelLoadError(
+                f"checkpoint does not match the model: missing {sorted(missing)[:8]}, "
+                f"unexpected {sorted(unexpected)[:8]}"
+            )
+
+
+def load_trainable(folder: Path, depths: Sequence[int] | None = None) -> TrainableReranker:
+    """A checkpoint folder -> a TrainableReranker in train mode with gradients on.
+
+    `depths=None` keeps whatever per-depth heads the folder has; a list asks for those
+    heads (missing ones start as copies of the full-depth head).
+    """
+    cfg = ModelConfig.from_file(folder / "config.json")
+    if cfg.family not in ("bert", "roberta"):
+        raise ModelLoadError(f"training supports BERT and RoBERTa families, not {cfg.family}")
+    weights = read_weights(folder)
+    base, heads = split_depth_heads(weights)
+    have = head_depths(heads)
+    wanted = have if depths is None else list(depths)
+    module = TrainableReranker(CrossEncoder(cfg), wanted)
+    module.init_heads_from_classifier()  # overwritten below for the heads the folder has
+    keep = {k: v for k, v in heads.items() if int(_DEPTH_HEAD_NAME.match(k).group(1)) in wanted}
+    state = {f"model.{k}": v for k, v in base.items()} | keep
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    missing = [m for m in missing if not _DEPTH_HEAD_NAME.match(m)]
+    if missing or unexpected:
+        raise ModelLoadError(
+            f"{folder} does not match a {cfg.model_type} cross-encoder: "
+            f"missing {sorted(missing)[:8]}, unexpected {sorted(unexpected)[:8]}"
+        )
+    return module.float().train().requires_grad_(True)
+
+
+def pair_encoder(folder: Path, cfg: ModelConfig) -> PairEncoder:
+    """The engine's pair encoder for a checkpoint: training tokenizes exactly as serving."""
+    return PairEncoder(load_tokenizer(folder), cfg.max_length, cfg.type_vocab_size == 1)
+
+
+def encode_batch(
+    encoder: PairEncoder,
+    pad_id: int,
+    query_docs: Sequence[tuple[str, Sequence[str]]],
+    max_length: int,
+) -> dict[str, torch.Tensor]:
+    """Model inputs for (query, documents) lists, one pair per document, in order."""
+    pairs = []
+    for query, docs in query_docs:
+        pairs.extend(encoder.encode(query, list(docs), max_length).pairs)
+    return {k: torch.from_numpy(v) for k, v in collate(pairs, pad_id).items()}
+
+
+def _atomic_write_bytes(path: Path, writer: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    writer(tmp)
+    os.replace(tmp, path)
+
+
+def save_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], meta: dict[str, str]) -> None:
+    """Write a safetensors file atomically (a crash mid-save leaves the old file)."""
+    _atomic_write_bytes(path, lambda tmp: save_file(dict(tensors), str(tmp), metadata=meta))
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write JSON atomically."""
+    _atomic_write_bytes(
+        path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    )
+
+
+def save_model_folder(
+    out: Path,
+    module: TrainableReranker,
+    template: Path,
+    info: Mapping[str, Any],
+    metadata: Mapping[str, str] | None = None,
+) -> Path:
+    """Write a servable checkpoint folder: config.json, model.safetensors, tokenizer, rerankd.json.
+
+    `template` supplies config.json and the tokenizer (the init folder); the config's layer
+    count is set from the module (a student may be shallower than its template).
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    raw = json.loads((template / "config.json").read_text())
+    raw["num_hidden_layers"] = module.config.num_layers
+    raw.pop("_name_or_path", None)
+    if out.resolve() != template.resolve():
+        for name in TOKENIZER_FILES:
+            if (template / name).exists():
+                shutil.copyfile(template / name, out / name)
+    write_json(out / "config.json", raw)
+    meta_st = {"format": "pt", **(metadata or {})}
+    save_safetensors(out / "model.safetensors", module.export_state(), meta_st)
+    meta = dict(info)
+    if module.depths:
+        meta["matryoshka"] = matryoshka_description(module)
+    write_json(out / "rerankd.json", meta)
+    return out
+
+
+def matryoshka_description(module: TrainableReranker) -> dict[str, Any]:
+    """What `rerankd.json` says about the per-depth heads (see the module docstring)."""
+    cfg = module.config
+    return {
+        "format": 1,
+        "num_layers": cfg.num_layers,
+        "depths": module.depths,
+        "heads": {str(k): DEPTH_HEAD.format(k=k) for k in module.depths},
+        "tensors": {
+            "weight": f"{DEPTH_HEAD}.weight [{cfg.num_labels}, {cfg.hidden_size}]",
+            "bias": f"{DEPTH_HEAD}.bias [{cfg.num_labels}]",
+        },
+        "score": "classifier_depth{k}(tanh(bert.pooler.dense(h_k[:, 0])))[:, 0], h_k = hidden "
+        "state after the first k encoder layers; depth num_layers uses classifier.*",
+        "lora": None,
+    }
+
+
+def default_student_layers(teacher_layers: int, student_layers: int) -> list[int]:
+    """Evenly spaced teacher layers including the first and the last (6 -> 2: [0, 5]; a
+    one-layer student keeps the last).
+
+    The first layer is the one trained on the embeddings' output and the last the one whose
+    output the pooler and classifier were trained on, so keeping both keeps both interfaces
+    of the stack; the layers between are subsampled evenly (as DistilBERT and TinyBERT's
+    uniform mapping do).
+    """
+    if not 1 <= student_layers <= teacher_layers:
+        raise ValueError(f"student layers must be in 1..{teacher_layers}, got {student_layers}")
+    if student_layers == 1:
+        return [teacher_layers - 1]
+    step = (teacher_layers - 1) / (student_layers - 1)
+    return [round(i * step) for i in range(student_layers)]
+
+
+def student_from_teacher(teacher: Path, layers: Sequence[int], dst: Path) -> Path:
+    """A student checkpoint: the teacher's embeddings, pooler and head, and `layers` of its
+    encoder renumbered 0..n-1. Written as a normal cross-encoder folder."""
+    cfg = ModelConfig.from_file(teacher / "config.json")
+    if sorted(set(layers)) != list(layers) or not layers:
+        raise ValueError(f"student layers must be increasing and distinct, got {list(layers)}")
+    if layers[-1] >= cfg.num_layers or layers[0] < 0:
+        raise ValueError(f"teacher has layers 0..{cfg.num_layers - 1}, got {list(layers)}")
+    base, _ = split_depth_heads(read_weights(teacher))
+    new_index = {old: new for new, old in enumerate(layers)}
+    out: dict[str, torch.Tensor] = {}
+    for name, t in base.items():
+        m = _LAYER_NAME.match(name)
+        if m is None:
+            out[name] = t
+        elif int(m.group(2)) in new_index:
+            out[f"{m.group(1)}.encoder.layer.{new_index[int(m.group(2))]}.{m.group(3)}"] = t
+    dst.mkdir(parents=True, exist_ok=True)
+    save_safetensors(dst / "model.safetensors", {k: v.contiguous() for k, v in out.items()}, {})
+    raw = json.loads((teacher / "config.json").read_text())
+    raw["num_hidden_layers"] = len(layers)
+    write_json(dst / "config.json", raw)
+    for name in TOKENIZER_FILES:
+        if (teacher / name).exists():
+            shutil.copyfile(teacher / name, dst / name)
+    write_json(dst / "rerankd.json", {"student_of": str(teacher), "teacher_layers": list(layers)})
+    return dst

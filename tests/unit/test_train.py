@@ -1,0 +1,415 @@
+"""`rerankd.train` on tiny random models and a tiny synthetic BEIR folder (seconds, no data)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rerankd.engine.bundled import backbone_dir
+from rerankd.engine.factory import load_reranker
+from rerankd.engine.loading import load_cross_encoder
+from rerankd.engine.models.bert import CrossEncoder
+from rerankd.engine.models.config import ModelConfig
+from rerankd.train.data import (
+    BM25,
+    EvaluationDataError,
+    check_trainable,
+    first_stage,
+    load_teacher_scores,
+    load_training_data,
+    pseudo_query,
+    split_dev,
+    write_teacher_scores,
+)
+from rerankd.train.losses import distill, kl_distill, listwise_ce, margin_mse, mse_distill
+from rerankd.train.modeling import (
+    default_student_layers,
+    load_trainable,
+    student_from_teacher,
+)
+from rerankd.train.trainer import TrainConfig, TrainingError, lr_at, read_log, train
+from rerankd.types import Document
+
+ANIMALS = [
+    "cat", "dog", "horse", "goat", "sheep", "camel", "otter", "badger",
+    "falcon", "heron", "lizard", "salmon", "beetle", "rabbit", "ferret", "donkey",
+]  # fmt: skip
+FOODS = ["grass", "fish", "seeds", "insects", "berries", "roots", "worms", "leaves"]
+
+
+# -- fixtures ------------------------------------------------------------------------------------
+
+
+def _write_beir(root: Path) -> Path:
+    """16 queries ("what does the X eat"), each with one relevant document among 32."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "qrels").mkdir(exist_ok=True)
+    docs, queries, qrels = [], [], ["query-id\tcorpus-id\tscore"]
+    for i, animal in enumerate(ANIMALS):
+        food = FOODS[i % len(FOODS)]
+        docs.append(
+            {"_id": f"d{i}", "title": f"The {animal}", "text": f"The {animal} eats {food}."}
+        )
+        # A distractor that shares the food but not the animal: a hard negative for BM25.
+        other = FOODS[(i + 3) % len(FOODS)]
+        docs.append({"_id": f"x{i}", "title": "", "text": f"Many animals eat {other} and {food}."})
+        queries.append({"_id": f"q{i}", "text": f"what does the {animal} eat"})
+        qrels.append(f"q{i}\td{i}\t1")
+    (root / "corpus.jsonl").write_text("\n".join(json.dumps(d) for d in docs) + "\n")
+    (root / "queries.jsonl").write_text("\n".join(json.dumps(q) for q in queries) + "\n")
+    (root / "qrels" / "train.tsv").write_text("\n".join(qrels) + "\n")
+    (root / "qrels" / "test.tsv").write_text("\n".join(qrels[:3]) + "\n")
+    return root
+
+
+def _write_model(folder: Path, layers: int = 2, hidden: int = 32, seed: int = 0) -> Path:
+    """A tiny random BERT cross-encoder with PyTorch's default init and MiniLM's tokenizer."""
+    from safetensors.torch import save_file
+
+    raw = {
+        "model_type": "bert",
+        "vocab_size": 30522,
+        "hidden_size": hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 2,
+        "intermediate_size": hidden * 2,
+        "max_position_embeddings": 128,
+        "type_vocab_size": 2,
+        "hidden_act": "gelu",
+        "num_labels": 1,
+        "architectures": ["BertForSequenceClassification"],
+    }
+    torch.manual_seed(seed)
+    model = CrossEncoder(ModelConfig.from_dict(raw))
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()},
+        str(folder / "model.safetensors"),
+    )
+    (folder / "config.json").write_text(json.dumps(raw))
+    tok = backbone_dir("all-minilm-l6-v2") / "tokenizer.json"
+    (folder / "tokenizer.json").write_bytes(tok.read_bytes())
+    return folder
+
+
+@pytest.fixture(scope="module")
+def beir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _write_beir(tmp_path_factory.mktemp("beir") / "toy")
+
+
+@pytest.fixture(scope="module")
+def model2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _write_model(tmp_path_factory.mktemp("m2") / "tiny", layers=2)
+
+
+@pytest.fixture(scope="module")
+def model4(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _write_model(tmp_path_factory.mktemp("m4") / "tiny4", layers=4, seed=1)
+
+
+def _cfg(beir: Path, model: Path, out: Path, **kw) -> TrainConfig:
+    base = {
+        "dataset": beir,
+        "out": out,
+        "backbone": str(model),
+        "epochs": 2,
+        "lr": 2e-3,
+        "batch_groups": 4,
+        "negatives": 3,
+        "depth": 8,
+        "max_length": 32,
+        "dev_queries": 4,
+        "dev_candidates": 8,
+        "warmup": 0.0,
+        "progress": False,
+        "threads": 1,
+    }
+    return TrainConfig(**(base | kw))
+
+
+# -- losses --------------------------------------------------------------------------------------
+
+
+def test_listwise_ce_by_hand() -> None:
+    s = torch.tensor([[2.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    expected = (math.log(1 + 2 * math.exp(-2)) + math.log(3)) / 2
+    assert listwise_ce(s).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_margin_mse_by_hand_and_shift_invariant() -> None:
+    s = torch.tensor([[3.0, 1.0, 0.0]])
+    t = torch.tensor([[2.0, 1.0, 1.0]])
+    # student margins (2, 3), teacher margins (1, 1): ((1)^2 + (2)^2) / 2
+    assert margin_mse(s, t).item() == pytest.approx(2.5)
+    assert margin_mse(s + 7.0, t - 3.0).item() == pytest.approx(2.5)
+
+
+def test_kl_distill_by_hand() -> None:
+    s = torch.tensor([[0.0, 0.0]])
+    t = torch.tensor([[math.log(3.0), 0.0]])
+    expected = 0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5)
+    assert kl_distill(s, t).item() == pytest.approx(expected, rel=1e-6)
+    # T = 2: teacher probabilities from log(3)/2, times T^2 = 4.
+    p = math.sqrt(3) / (1 + math.sqrt(3))
+    expected_t2 = 4 * (p * math.log(p / 0.5) + (1 - p) * math.log((1 - p) / 0.5))
+    assert kl_distill(s, t, temperature=2.0).item() == pytest.approx(expected_t2, rel=1e-6)
+    assert kl_distill(t, t).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_mse_and_distill_dispatch() -> None:
+    s = torch.tensor([[1.0, 2.0]], requires_grad=True)
+    t = torch.tensor([[0.0, 4.0]], requires_grad=True)
+    assert mse_distill(s, t).item() == pytest.approx(2.5)
+    loss = distill("mse", s, t)
+    loss.backward()
+    assert t.grad is None  # the teacher is a constant
+    with pytest.raises(ValueError, match="unknown distillation loss"):
+        distill("nope", s, t)
+
+
+def test_lr_schedule_warms_up_then_decays_to_zero() -> None:
+    lrs = [lr_at(s, 10, 1.0, 0.2) for s in range(10)]
+    assert lrs[0] == pytest.approx(0.5) and lrs[1] == pytest.approx(1.0)
+    assert all(a >= b for a, b in itertools.pairwise(lrs[1:]))
+    assert lr_at(10, 10, 1.0, 0.2) == 0.0
+
+
+# -- data ----------------------------------------------------------------------------------------
+
+
+def test_refuses_evaluation_data(tmp_path: Path, beir: Path, model2: Path) -> None:
+    with pytest.raises(EvaluationDataError, match="evaluation split"):
+        check_trainable(beir, "test")
+    dl = tmp_path / "trec-dl-2019"
+    dl.mkdir()
+    with pytest.raises(EvaluationDataError, match="evaluation-only"):
+        check_trainable(dl, "train")
+    out = tmp_path / "out"
+    with pytest.raises(EvaluationDataError):
+        train(_cfg(beir, model2, out, split="test"))
+    assert not (out / "model.safetensors").exists()
+    from rerankd.cli import main
+
+    code = main(["train", "--dataset", str(beir), "--split", "test", "--out", str(out)])
+    assert code == 2
+
+
+def test_bm25_finds_the_matching_document() -> None:
+    index = BM25({"a": "the cat eats fish", "b": "the dog eats bones", "c": "nothing here"})
+    assert index.search("what does the dog eat bones", 3)[0] == "b"
+    assert "c" not in index.search("dog", 3)
+
+
+def test_first_stages_rank_the_matching_document_first(tmp_path: Path, beir: Path) -> None:
+    data = load_training_data(beir, dev_queries=0, depth=4)
+    corpus, queries = data.corpus, {"q3": data.queries["q3"]}
+    assert first_stage("bm25", corpus, queries, 4)["q3"][0] == "d3"
+    assert first_stage("sparse", corpus, queries, 4)["q3"][0] == "d3"  # bundled SPLADE-tiny
+    assert first_stage("dense", corpus, queries, 4)["q3"][0] == "d3"  # bundled MiniLM
+    run = tmp_path / "given.trec"
+    run.write_text("q3 Q0 x5 1 9.0 t\nq3 Q0 nowhere 2 8.0 t\nq3 Q0 d3 3 7.0 t\n")
+    assert first_stage(f"run:{run}", corpus, queries, 4) == {"q3": ["x5", "d3"]}
+    with pytest.raises(ValueError, match="unknown miner"):
+        first_stage("magic", corpus, queries, 4)
+
+
+def test_groups_are_seeded_and_exclude_positives(beir: Path) -> None:
+    data = load_training_data(beir, depth=8, dev_queries=4, dev_candidates=8, seed=3)
+    assert not set(data.train_qids) & set(data.dev_qids)
+    assert len(data.dev_qids) == 4 and len(data.train_qids) == 12
+    g1 = data.groups_for_epoch(0, seed=3, negatives=3, depth=8)
+    g2 = data.groups_for_epoch(0, seed=3, negatives=3, depth=8)
+    assert g1 == g2 and len(g1) == 12
+    assert g1 != data.groups_for_epoch(1, seed=3, negatives=3, depth=8)
+    for g in g1:
+        assert g.positive == "d" + g.qid[1:]
+        assert g.positive not in g.negatives and len(set(g.negatives)) == 3
+    assert split_dev(["a", "b", "c"], 1, 0) == split_dev(["a", "b", "c"], 1, 0)
+    with pytest.raises(ValueError):
+        split_dev(["a"], 1, 0)
+
+
+def test_teacher_scores_round_trip(tmp_path: Path) -> None:
+    scores = {"q1": {"d1": 1.5, "d2": -0.25}}
+    path = write_teacher_scores(tmp_path / "t.tsv", scores)
+    assert load_teacher_scores(path) == scores
+    jl = tmp_path / "t.jsonl"
+    jl.write_text(json.dumps({"qid": "q1", "did": "d1", "score": 2}) + "\n")
+    assert load_teacher_scores(jl) == {"q1": {"d1": 2.0}}
+
+
+def test_pseudo_query_is_title_else_first_sentence() -> None:
+    assert pseudo_query("A title", "Body. More.") == "A title"
+    assert pseudo_query("", "First sentence here. Second one.") == "First sentence here."
+
+
+# -- training ------------------------------------------------------------------------------------
+
+
+def test_loss_decreases_and_run_is_logged(tmp_path: Path, beir: Path, model2: Path) -> None:
+    out = tmp_path / "run"
+    res = train(_cfg(beir, model2, out, epochs=4))
+    losses = [h["loss"] for h in res.history]
+    assert res.stopped == "done" and res.epochs_done == 4 and len(losses) == 4
+    assert losses[-1] < losses[0]
+    events = [e["event"] for e in read_log(out)]
+    assert events[0] == "start" and events[-1] == "stop" and events.count("epoch") == 4
+    start = read_log(out)[0]
+    assert start["config"]["seed"] == 0 and start["data"]["train_queries"] == 12
+    assert "ndcg@10" in res.initial_dev["model"] and "ndcg@10" in res.history[-1]["dev"]
+    # The folder is a servable checkpoint: the engine's loader and reranker take it.
+    model = load_cross_encoder(out)
+    assert model.config.num_layers == 2
+    reranker = load_reranker(str(out), "trained", backend="torch")
+    try:
+        resp = reranker.rerank("what does the cat eat", [Document("a", "The cat eats grass.")])
+        assert len(resp.results) == 1 and math.isfinite(resp.results[0].score)
+    finally:
+        reranker.close()
+    # A second fresh run into the same folder is refused rather than overwriting it.
+    with pytest.raises(TrainingError, match="--resume"):
+        train(_cfg(beir, model2, out, epochs=4))
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path: Path, beir: Path, model2: Path) -> None:
+    whole = train(_cfg(beir, model2, tmp_path / "whole", epochs=2))
+    part = train(_cfg(beir, model2, tmp_path / "cut", epochs=2, max_steps=4))
+    assert part.stopped.startswith("max steps") and part.step == 4 and part.epochs_done == 1
+    done = train(_cfg(beir, model2, tmp_path / "cut", epochs=2, resume=True))
+    assert done.stopped == "done" and done.step == whole.step
+    a = load_file(str(tmp_path / "whole" / "model.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+    assert [h["loss"] for h in whole.history] == pytest.approx([h["loss"] for h in done.history])
+    # A resume that would change the trajectory is refused, naming the field.
+    with pytest.raises(TrainingError, match="lr"):
+        train(_cfg(beir, model2, tmp_path / "cut", epochs=2, lr=1.0, resume=True))
+
+
+def test_teacher_scores_add_a_distillation_term(tmp_path: Path, beir: Path, model2: Path) -> None:
+    scores = {f"q{i}": {f"d{i}": 5.0} | {f"x{j}": 0.0 for j in range(16)} for i in range(16)}
+    for i in range(16):
+        scores[f"q{i}"].update({f"d{j}": -1.0 for j in range(16) if j != i})
+    path = write_teacher_scores(tmp_path / "teacher.tsv", scores)
+    res = train(_cfg(beir, model2, tmp_path / "kd", epochs=1, teacher_scores=path))
+    assert "distill" in res.history[0]["loss_parts"] and "ce" in res.history[0]["loss_parts"]
+
+
+# -- distillation --------------------------------------------------------------------------------
+
+
+def test_matryoshka_stores_per_depth_heads(tmp_path: Path, beir: Path, model4: Path) -> None:
+    out = tmp_path / "mat"
+    res = train(_cfg(beir, model4, out, mode="matryoshka", epochs=1))
+    assert "cascade" in res.history[0]["loss_parts"]
+    assert set(res.history[0]["dev"]["depths"]) == {"depth1", "depth2", "depth3"}
+    weights = load_file(str(out / "model.safetensors"))
+    for k in (1, 2, 3):
+        assert weights[f"classifier_depth{k}.weight"].shape == (1, 32)
+        assert weights[f"classifier_depth{k}.bias"].shape == (1,)
+    assert "classifier_depth4.weight" not in weights and "classifier.weight" in weights
+    meta = json.loads((out / "rerankd.json").read_text())["matryoshka"]
+    assert meta["depths"] == [1, 2, 3] and meta["heads"]["2"] == "classifier_depth2"
+    # The full-depth row of forward_depths is exactly the engine's forward.
+    module = load_trainable(out).eval()
+    assert module.depths == [1, 2, 3]
+    ids = torch.tensor([[101, 2054, 2515, 102, 4937, 102]])
+    inputs = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "token_type_ids": torch.tensor([[0, 0, 0, 0, 1, 1]]),
+    }
+    with torch.no_grad():
+        rows = module.forward_depths(**inputs)
+        assert rows.shape == (4, 1)
+        torch.testing.assert_close(rows[-1], module.model(**inputs))
+
+
+def test_student_starts_from_the_chosen_teacher_layers(tmp_path: Path, model4: Path) -> None:
+    assert default_student_layers(6, 2) == [0, 5]
+    assert default_student_layers(12, 4) == [0, 4, 7, 11]
+    student = student_from_teacher(model4, [0, 3], tmp_path / "student")
+    t = load_file(str(model4 / "model.safetensors"))
+    s = load_file(str(student / "model.safetensors"))
+    for name, value in s.items():
+        src = name
+        if name.startswith("bert.encoder.layer.1."):
+            src = name.replace("layer.1.", "layer.3.", 1)
+        torch.testing.assert_close(value, t[src], rtol=0, atol=0, msg=name)
+    assert not any(k.startswith("bert.encoder.layer.2.") for k in s)
+    assert load_cross_encoder(student).config.num_layers == 2
+
+
+def test_student_distillation_run(tmp_path: Path, beir: Path, model4: Path) -> None:
+    out = tmp_path / "st"
+    res = train(
+        _cfg(
+            beir,
+            model4,
+            out,
+            mode="student",
+            teacher=str(model4),
+            ce_weight=0.0,
+            distill_loss="mse",
+            epochs=1,
+            query_source="both",
+            pseudo_queries=6,
+        )
+    )
+    assert res.history[0]["loss_parts"].keys() == {"distill"}
+    assert "teacher" in res.initial_dev
+    log = read_log(out)[0]
+    assert log["model"]["teacher_layers"] == [0, 3] and log["data"]["pseudo_queries"] == 6
+    assert load_cross_encoder(out).config.num_layers == 2
+
+
+def test_bf16_autocast_trains(tmp_path: Path, beir: Path, model2: Path) -> None:
+    res = train(_cfg(beir, model2, tmp_path / "bf16", epochs=1, bf16=True))
+    assert math.isfinite(res.history[0]["loss"])
+    assert load_file(str(tmp_path / "bf16" / "model.safetensors"))["classifier.weight"].dtype == (
+        torch.float32
+    )
+
+
+def test_cli_train_and_distill(tmp_path: Path, beir: Path, model4: Path, capsys) -> None:
+    from rerankd.cli import main
+
+    tiny = [
+        "--dataset", str(beir), "--negatives", "3", "--depth", "8", "--max-length", "32",
+        "--dev-queries", "4", "--dev-candidates", "8", "--batch-groups", "4", "--threads", "1",
+        "--no-progress", "--lr", "1e-3",
+    ]  # fmt: skip
+    assert main(["train", "--backbone", str(model4), "--out", str(tmp_path / "t"), *tiny]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["stopped"] == "done" and summary["epochs_done"] == 1
+    out = tmp_path / "m"
+    assert (
+        main(["distill", "--matryoshka", "--model", str(tmp_path / "t"), "--out", str(out), *tiny])
+        == 0
+    )
+    assert "classifier_depth3.weight" in load_file(str(out / "model.safetensors"))
+    student = tmp_path / "s"
+    args = [
+        "distill",
+        "--teacher",
+        str(tmp_path / "t"),
+        "--layer-map",
+        "1,2",
+        "--out",
+        str(student),
+    ]
+    assert main([*args, *tiny]) == 0
+    assert read_log(student)[0]["model"]["teacher_layers"] == [1, 2]
+    # A teacher must be a trained cross-encoder; a bare encoder is refused.
+    assert (
+        main(["distill", "--teacher", str(tmp_path / "nope"), "--out", str(tmp_path / "x"), *tiny])
+        == 2
+    )
