@@ -318,6 +318,31 @@ def test_matryoshka_stores_per_depth_heads(tmp_path: Path, beir: Path, model4: P
     assert "classifier_depth4.weight" not in weights and "classifier.weight" in weights
     meta = json.loads((out / "rerankd.json").read_text())["matryoshka"]
     assert meta["depths"] == [1, 2, 3] and meta["heads"]["2"] == "classifier_depth2"
+    # The engine serves each depth with its own head: depth k's score equals that head on
+    # the pooled [CLS] of layer k, and differs from the full model's head there.
+    import torch
+
+    from rerankd.engine.factory import load_reranker
+    from rerankd.engine.loading import load_cross_encoder
+    from rerankd.types import Document, RerankOptions
+
+    model = load_cross_encoder(out)
+    assert model.head_depths == (1, 2, 3)
+    served = load_reranker(str(out), backend="torch")
+    try:
+        doc = [Document("d", "a short document about cells")]
+        (pair,) = served.encode("cells", doc, RerankOptions()).encoded.pairs
+        ids = torch.from_numpy(pair.input_ids)[None]
+        types = torch.from_numpy(pair.token_type_ids)[None]
+        with torch.inference_mode():
+            hidden = model.backbone(ids, torch.ones_like(ids), types, 2)
+            pooled = model.backbone.pooler(hidden)
+            own = model.classifier_depth2(pooled)[0, 0].item()
+            generic = model.classifier(pooled)[0, 0].item()
+        got = served.rerank("cells", doc, options=RerankOptions(depth=2)).results[0].score
+        assert abs(got - own) < 1e-5 and abs(got - generic) > 1e-6
+    finally:
+        served.close()
     # The full-depth row of forward_depths is exactly the engine's forward.
     module = load_trainable(out).eval()
     assert module.depths == [1, 2, 3]

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from rerankd.engine.checkpoint import read_weights
-from rerankd.engine.models.bert import CrossEncoder
+from rerankd.engine.models.bert import DEPTH_HEAD_NAME, CrossEncoder
 from rerankd.engine.models.config import ModelConfig
 from rerankd.engine.models.jina import JinaCrossEncoder
 from rerankd.errors import ModelLoadError
@@ -28,6 +28,14 @@ def load_cross_encoder(folder: Path) -> CrossEncoder | JinaCrossEncoder:
             f"{folder} holds a bare encoder (no {prefix!r} tensors and no classifier); "
             "make a cross-encoder from it with `rerankd convert-backbone`"
         )
+    depths = sorted({int(m.group(1)) for k in weights if (m := DEPTH_HEAD_NAME.match(k))})
+    if depths:  # a Matryoshka checkpoint: per-depth heads beside the model's own
+        if not isinstance(model, CrossEncoder) or cfg.head != "pooler":
+            raise ModelLoadError(f"{folder}: per-depth heads need a BERT (pooler) model")
+        try:
+            model.add_depth_heads(depths)
+        except ValueError as exc:
+            raise ModelLoadError(f"{folder}: {exc}") from exc
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise ModelLoadError(

@@ -42,7 +42,7 @@ from rerankd.engine.bundled import PREFIX as BUNDLED_PREFIX
 from rerankd.engine.bundled import backbone_dir
 from rerankd.engine.checkpoint import read_weights
 from rerankd.engine.convert import backbone_to_cross_encoder
-from rerankd.engine.models.bert import CrossEncoder
+from rerankd.engine.models.bert import DEPTH_HEAD_NAME, CrossEncoder
 from rerankd.engine.models.config import ModelConfig
 from rerankd.engine.tokenize import PairEncoder, collate, load_tokenizer
 from rerankd.errors import ModelLoadError
@@ -54,7 +54,7 @@ TOKENIZER_FILES = (
     "vocab.txt",
 )
 DEPTH_HEAD = "classifier_depth{k}"
-_DEPTH_HEAD_NAME = re.compile(r"^classifier_depth(\d+)\.(weight|bias)$")
+_DEPTH_HEAD_NAME = DEPTH_HEAD_NAME  # the engine's: one name for trainer and server
 _LAYER_NAME = re.compile(r"^(bert|roberta)\.encoder\.layer\.(\d+)\.(.+)$")
 
 

@@ -8,6 +8,7 @@ the Hugging Face checkpoints (`bert.encoder.layer.N...`) so weights load one-to-
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 import torch.nn.functional as F
@@ -251,6 +252,9 @@ class RobertaHead(nn.Module):
         return self.out_proj(torch.tanh(self.dense(hidden[:, 0])))
 
 
+DEPTH_HEAD_NAME = re.compile(r"^classifier_depth(\d+)\.(weight|bias)$")
+
+
 class CrossEncoder(nn.Module):
     """A sequence-classification cross-encoder; `forward` returns one logit per pair.
 
@@ -268,6 +272,23 @@ class CrossEncoder(nn.Module):
             self.roberta = BertBackbone(cfg, with_pooler=False)
             self.classifier = RobertaHead(cfg)
 
+    def add_depth_heads(self, depths: list[int]) -> None:
+        """Per-depth heads (Matryoshka checkpoints): `classifier_depth{k}` scores the pooled
+        [CLS] of layer k, for k below the full depth (which keeps `classifier`)."""
+        if self.config.head != "pooler":
+            raise ValueError("per-depth heads are defined for BERT (pooler) heads only")
+        for k in depths:
+            if not 0 < k < self.config.num_layers:
+                raise ValueError(
+                    f"per-depth head for depth {k} outside 1..{self.config.num_layers - 1}"
+                )
+            self.add_module(
+                f"classifier_depth{k}", nn.Linear(self.config.hidden_size, self.config.num_labels)
+            )
+        self.head_depths = tuple(sorted(depths))
+
+    head_depths: tuple[int, ...] = ()
+
     @property
     def backbone(self) -> BertBackbone:
         return self.bert if self.config.head == "pooler" else self.roberta
@@ -280,7 +301,7 @@ class CrossEncoder(nn.Module):
         depth: int | None = None,
     ) -> torch.Tensor:
         hidden = self.backbone(input_ids, attention_mask, token_type_ids, depth)
-        return self.head(hidden)
+        return self.head(hidden, depth)
 
     def forward_pruned(
         self,
@@ -294,12 +315,16 @@ class CrossEncoder(nn.Module):
         hidden = self.backbone.forward_pruned(
             input_ids, attention_mask, token_type_ids, keep, protected
         )
-        return self.head(hidden)
+        return self.head(hidden, len(keep))
 
-    def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The classification head on the first ([CLS]) token of the last layer run."""
+    def head(self, hidden: torch.Tensor, depth: int | None = None) -> torch.Tensor:
+        """The classification head on the first ([CLS]) token of the last layer run: the
+        checkpoint's head for that depth where it has one, else the model's own."""
         if self.config.head == "pooler":
-            logits = self.classifier(self.backbone.pooler(hidden))
+            classifier = self.classifier
+            if depth in self.head_depths:
+                classifier = getattr(self, f"classifier_depth{depth}")
+            logits = classifier(self.backbone.pooler(hidden))
         else:
             logits = self.classifier(hidden)
         return logits[:, 0]
