@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from rerankd import RerankClient
 from rerankd.server.process import spawn_sidecar
