@@ -27,9 +27,10 @@ from typing import Any
 
 import pytest
 
+from rerankd.client import ModelInfo
 from rerankd.eval.beir import BeirDataset, load_dataset, load_run, subset
 from rerankd.eval.metrics import evaluate
-from rerankd.eval.runner import main, parse_args
+from rerankd.eval.runner import MANIFEST, index_manifest, main, parse_args
 from rerankd.server.process import spawn_sidecar
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -74,40 +75,47 @@ def sidecar(scifact: Path):
 @pytest.fixture(scope="module", params=["qdrant", "milvus"])
 def report(
     request: pytest.FixtureRequest, sidecar, scifact: Path, tmp_path_factory
-) -> tuple[str, dict[str, Any], str]:
-    """(db, the JSON report, the table printed to stdout), one runner call per DB."""
+) -> tuple[str, dict[str, Any], str, list[str]]:
+    """(db, the JSON report, the table printed to stdout, the argv), one runner call per DB."""
     db = request.param
-    out = tmp_path_factory.mktemp(f"eval-{db}") / "report.json"
+    folder = tmp_path_factory.mktemp(f"eval-{db}")
+    argv = [
+        "--dataset",
+        str(scifact),
+        "--db",
+        db,
+        "--address",
+        sidecar.address,
+        "--max-queries",
+        str(N_QUERIES),
+        "--max-docs",
+        str(N_DOCS),
+        "--candidates",
+        str(CANDIDATES),
+        "--max-length",
+        "128",
+        "--index-dir",
+        str(folder / "index"),
+        "--no-progress",
+    ]
+    table, rep = _run_main([*argv, "--json", str(folder / "report.json")])
+    return db, rep, table, argv
+
+
+def _run_main(argv: list[str]) -> tuple[str, dict[str, Any]]:
+    """The runner in-process, as the CLI calls it: (stdout, the JSON it wrote)."""
+    out = Path(argv[argv.index("--json") + 1])
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        code = main(
-            [
-                "--dataset",
-                str(scifact),
-                "--db",
-                db,
-                "--address",
-                sidecar.address,
-                "--max-queries",
-                str(N_QUERIES),
-                "--max-docs",
-                str(N_DOCS),
-                "--candidates",
-                str(CANDIDATES),
-                "--max-length",
-                "128",
-                "--json",
-                str(out),
-                "--no-progress",
-            ]
-        )
+        code = main(argv)
     assert code == 0
-    return db, json.loads(out.read_text()), buf.getvalue()
+    return buf.getvalue(), json.loads(out.read_text())
 
 
 def test_report_has_every_mode_and_metric_in_range(report) -> None:
-    db, rep, _ = report
-    assert rep["db"] == db and rep["candidates"] == CANDIDATES
+    db, rep, _, _ = report
+    assert rep["db"] == db and rep["candidates"] == CANDIDATES and rep["complete"] is True
+    assert "index_reused" not in rep and rep["index_seconds"] > 0
     assert rep["dataset"]["queries"] == N_QUERIES and rep["dataset"]["docs"] == N_DOCS
     assert rep["dataset"]["relevance_threshold"] == 1
     assert rep["reranker"]["source"] == "bundled:splade-tiny"
@@ -144,7 +152,7 @@ def _random_ndcg10(data: BeirDataset) -> float:
 def test_first_stage_beats_a_random_ranking(report, scifact: Path) -> None:
     """Every first stage must be far above a random ranking of the slice: a broken
     embedding, index or id mapping lands near it (the reranked rows, untrained, do)."""
-    db, rep, _ = report
+    db, rep, _, _ = report
     data = subset(load_dataset(scifact), max_queries=N_QUERIES, max_docs=N_DOCS)
     baseline = _random_ndcg10(data)
     assert 0.05 < baseline < 0.3
@@ -156,7 +164,7 @@ def test_first_stage_beats_a_random_ranking(report, scifact: Path) -> None:
 
 
 def test_table_names_the_first_stage_of_each_row(report) -> None:
-    db, rep, table = report
+    db, rep, table, _ = report
     lines = table.splitlines()
     assert "NDCG@10" in table and "MRR@10" in table and "R@100" in table
     for mode in MODES:
@@ -168,6 +176,46 @@ def test_table_names_the_first_stage_of_each_row(report) -> None:
     assert db in sparse
     assert sum(line.strip().startswith("reranked ") for line in lines) == len(MODES)
     assert "untrained" in table  # the bad reranked figures are explained, not hidden
+
+
+def test_index_dir_is_reused_when_it_holds_the_same_corpus(
+    report, scifact: Path, tmp_path: Path
+) -> None:
+    """A second run on the same --index-dir skips indexing and finds the same candidates;
+    another corpus or encoder does not match the index's manifest."""
+    db, rep, _, argv = report
+    _, again = _run_main([*argv, "--modes", "dense", "--json", str(tmp_path / "again.json")])
+    assert again["index_reused"] and list(again["modes"]) == ["dense"]
+    first = rep["modes"]["dense"]["per_query"]["first_stage"]
+    assert again["modes"]["dense"]["per_query"]["first_stage"] == first
+
+    folder = Path(argv[argv.index("--index-dir") + 1])
+    stored = json.loads((folder / MANIFEST).read_text())
+    assert stored["db"] == db and stored["docs"] == N_DOCS
+    assert (stored["sparse_encoder"] is not None) == (db == "qdrant")
+    data = subset(load_dataset(scifact), max_queries=N_QUERIES, max_docs=N_DOCS)
+    smaller = subset(data, max_docs=N_DOCS - 1)
+    assert len(smaller.corpus) == N_DOCS - 1
+    same = index_manifest(data, db, None, None, False)
+    assert same["corpus_sha256"] == stored["corpus_sha256"]
+    assert index_manifest(smaller, db, None, None, False)["corpus_sha256"] != same["corpus_sha256"]
+    other = ModelInfo(
+        name="other",
+        kind="dense",
+        source="/models/other",
+        architecture="bert",
+        num_layers=1,
+        hidden_size=8,
+        num_heads=1,
+        max_length=32,
+        default_max_length=32,
+        backend="torch",
+        precision="fp32",
+        device="cpu",
+        is_default=True,
+        dimension=8,
+    )
+    assert index_manifest(data, db, other, other, True)["dense_encoder"] != stored["dense_encoder"]
 
 
 def test_cli_reranks_a_trec_run(sidecar, tmp_path: Path) -> None:

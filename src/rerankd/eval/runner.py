@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import statistics
 import sys
@@ -65,6 +66,7 @@ class EvalOptions:
     max_queries: int | None = None
     max_docs: int | None = None
     json_path: Path | None = None
+    index_dir: Path | None = None
     address: str | None = None
     run: str | None = None
     split: str = "test"
@@ -124,7 +126,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="index at most N documents: every judged document of the kept queries, then the "
         "first others in corpus order (not with --run)",
     )
-    p.add_argument("--json", dest="json_path", type=Path, help="also write the report here")
+    p.add_argument(
+        "--json",
+        dest="json_path",
+        type=Path,
+        help="also write the report here (rewritten after each mode, so a long run that is "
+        "interrupted keeps the modes it finished)",
+    )
+    p.add_argument(
+        "--index-dir",
+        type=Path,
+        help="keep the embedded DB in DIR and reuse it on the next run when it holds the same "
+        "documents, DB and encoders (default: a temporary folder, removed at the end)",
+    )
     p.add_argument("--address", help="HOST:PORT of a running sidecar instead of spawning one")
     p.add_argument("--run", help="rerank this TREC run (a file, or a name under DATASET/runs/)")
     p.add_argument("--split", default="test", help="qrels/SPLIT.tsv (default test)")
@@ -151,7 +165,12 @@ def parse_args(argv: Sequence[str] | None = None) -> EvalOptions:
     p = build_parser()
     ns = p.parse_args(argv)
     if ns.run is not None:
-        given = (("--db", ns.db), ("--modes", ns.modes), ("--max-docs", ns.max_docs))
+        given = (
+            ("--db", ns.db),
+            ("--modes", ns.modes),
+            ("--max-docs", ns.max_docs),
+            ("--index-dir", ns.index_dir),
+        )
         clash = [flag for flag, value in given if value]
         if clash:
             p.error(f"{', '.join(clash)} select a DB first stage; --run replaces it")
@@ -172,6 +191,7 @@ def parse_args(argv: Sequence[str] | None = None) -> EvalOptions:
         max_queries=ns.max_queries,
         max_docs=ns.max_docs,
         json_path=ns.json_path,
+        index_dir=ns.index_dir,
         address=ns.address,
         run=ns.run,
         split=ns.split,
@@ -227,10 +247,9 @@ def _pick_reranker(models: list[ModelInfo], wanted: str | None) -> ModelInfo:
     return next((m for m in rerankers if m.is_default), rerankers[0])
 
 
-def _encoder(models: list[ModelInfo], kind: str) -> str | None:
+def _encoder(models: list[ModelInfo], kind: str) -> ModelInfo | None:
     found = [m for m in models if m.kind == kind]
-    best = next((m for m in found if m.is_default), found[0] if found else None)
-    return best.name if best else None
+    return next((m for m in found if m.is_default), found[0] if found else None)
 
 
 # -- the two kinds of first stage ------------------------------------------------------------
@@ -403,6 +422,8 @@ def run_eval(opts: EvalOptions) -> dict[str, Any]:
         "metrics": list(opts.metrics),
     }
     rows: dict[str, dict[str, Any]] = {}
+    report["modes"] = rows  # filled mode by mode; saved after each when --json is given
+    report["complete"] = False
     with _sidecar(opts) as (client, address, spawned):
         models = client.list_models()
         reranker = _pick_reranker(models, opts.model if opts.address else None)
@@ -416,7 +437,11 @@ def run_eval(opts: EvalOptions) -> dict[str, Any]:
             "backend": f"{reranker.backend}/{reranker.precision}/{reranker.device}",
             "untrained_head": reranker.source.startswith("bundled:"),
         }
-        report["encoders"] = {"dense": dense, "sparse": sparse}
+        report["encoders"] = {
+            kind: None if m is None else {"name": m.name, "source": m.source}
+            for kind, m in (("dense", dense), ("sparse", sparse))
+        }
+        report["notes"] = _notes(opts, reranker, opts.metrics)
         if run is not None:
             name = Path(opts.run or "").name.removesuffix(".trec")
             r, missing = _run_rankings(opts, data, full.corpus, client, run, reranker.name)
@@ -425,11 +450,59 @@ def run_eval(opts: EvalOptions) -> dict[str, Any]:
             )
             rows["run"]["candidates_without_text"] = missing
         else:
-            rows = _db_rows(opts, data, client, reranker.name, dense, sparse, threshold, report)
-    report["modes"] = rows
-    report["notes"] = _notes(opts, reranker, opts.metrics)
+            _db_rows(opts, data, client, reranker.name, dense, sparse, threshold, report)
+    report["complete"] = True
     report["total_seconds"] = round(time.perf_counter() - t_start, 2)
     return report
+
+
+def save_report(report: dict[str, Any], path: Path) -> None:
+    """Write the JSON report atomically: a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+#: The file in `--index-dir` that says what the index holds.
+MANIFEST = "rerankd-eval-index.json"
+
+
+def index_manifest(
+    data: BeirDataset,
+    db: str,
+    dense: ModelInfo | None,
+    sparse: ModelInfo | None,
+    needs_sparse: bool,
+) -> dict[str, Any]:
+    """What an index must match to be reused: the exact documents (ids and texts, hashed),
+    the DB and the encoders that embedded them (name and source). Weights behind the same
+    source are assumed unchanged; delete the folder after changing a model in place."""
+    digest = hashlib.sha256()
+    for doc_id, text in data.corpus.items():
+        digest.update(doc_id.encode())
+        digest.update(b"\0")
+        digest.update(text.encode())
+        digest.update(b"\0")
+
+    def ident(m: ModelInfo | None) -> str | None:
+        return None if m is None else f"{m.name} ({m.source})"
+
+    return {
+        "db": db,
+        "collection": COLLECTION,
+        "docs": len(data.corpus),
+        "corpus_sha256": digest.hexdigest(),
+        "dense_encoder": ident(dense),
+        "sparse_encoder": ident(sparse) if needs_sparse else None,
+    }
+
+
+def _reusable(folder: Path, manifest: dict[str, Any]) -> bool:
+    try:
+        return json.loads((folder / MANIFEST).read_text(encoding="utf-8")) == manifest
+    except (OSError, ValueError):
+        return False
 
 
 def _db_rows(
@@ -441,13 +514,20 @@ def _db_rows(
     sparse: str | None,
     threshold: int,
     report: dict[str, Any],
-) -> dict[str, dict[str, Any]]:
+) -> None:
+    """Index (or reuse) the corpus, then fill `report["modes"]` one mode at a time."""
     from rerankd.indexing import SourceDocument, index_documents
 
     assert opts.db is not None
-    rows: dict[str, dict[str, Any]] = {}
-    with tempfile.TemporaryDirectory(prefix="rerankd-eval-") as tmp:
-        connector = _open_connector(opts.db, Path(tmp))
+    rows: dict[str, dict[str, Any]] = report["modes"]
+    if opts.index_dir is not None:
+        opts.index_dir.mkdir(parents=True, exist_ok=True)
+        where: contextlib.AbstractContextManager[str] = contextlib.nullcontext(str(opts.index_dir))
+    else:
+        where = tempfile.TemporaryDirectory(prefix="rerankd-eval-")
+    with where as tmp:
+        folder = Path(tmp)
+        connector = _open_connector(opts.db, folder)
         try:
             if connector.needs_dense and dense is None:
                 raise EvalError("the sidecar serves no dense encoder (--dense-encoder)")
@@ -456,26 +536,38 @@ def _db_rows(
                     f"{opts.db} needs SPLADE vectors for sparse/hybrid modes and "
                     "the sidecar serves no sparse encoder (--sparse-encoder)"
                 )
-            docs = [SourceDocument(d, t) for d, t in data.corpus.items()]
+            manifest = index_manifest(data, opts.db, dense, sparse, connector.needs_sparse)
             t0 = time.perf_counter()
-            index_documents(
-                connector,
-                COLLECTION,
-                docs,
-                client=client,
-                recreate=True,
-                batch_size=opts.batch_size,
-                progress=opts.progress,
-                timeout=opts.timeout,
-            )
+            if opts.index_dir is not None and _reusable(folder, manifest):
+                report["index_reused"] = str(folder)
+            else:
+                # No manifest while indexing: an interrupted run must not look reusable.
+                (folder / MANIFEST).unlink(missing_ok=True)
+                index_documents(
+                    connector,
+                    COLLECTION,
+                    [SourceDocument(d, t) for d, t in data.corpus.items()],
+                    client=client,
+                    recreate=True,
+                    batch_size=opts.batch_size,
+                    progress=opts.progress,
+                    timeout=opts.timeout,
+                )
+                if opts.index_dir is not None:
+                    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
             report["index_seconds"] = round(time.perf_counter() - t0, 2)
+            dense_name = dense.name if dense else None
+            sparse_name = sparse.name if sparse else None
             for mode in opts.modes:
-                label = first_stage_label(opts.db, mode, connector.needs_sparse, dense, sparse)
+                label = first_stage_label(
+                    opts.db, mode, connector.needs_sparse, dense_name, sparse_name
+                )
                 r = _db_rankings(opts, data, client, connector, mode, reranker)
                 rows[mode] = _row(label, r, data, opts.metrics, threshold)
+                if opts.json_path:
+                    save_report(report, opts.json_path)
         finally:
             _close_connector(connector)
-    return rows
 
 
 # -- output ----------------------------------------------------------------------------------
@@ -528,7 +620,9 @@ def format_table(report: dict[str, Any]) -> str:
             "Rerank call alone"
         )
     took = f"whole run {report['total_seconds']:.1f} s"
-    if "index_seconds" in report:
+    if "index_reused" in report:
+        took = f"index reused from {report['index_reused']}, {took}"
+    elif "index_seconds" in report:
         took = f"indexing {report['index_seconds']:.1f} s, {took}"
     lines.append(took)
     for note in report["notes"]:
@@ -549,6 +643,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     print(format_table(report), flush=True)
     if opts.json_path:
-        opts.json_path.parent.mkdir(parents=True, exist_ok=True)
-        opts.json_path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        save_report(report, opts.json_path)
     return 0
