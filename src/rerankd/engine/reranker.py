@@ -193,6 +193,8 @@ class Reranker:
         outer: Future[JobResult] = Future()
 
         def fold(done: Future[JobResult]) -> None:
+            if not outer.set_running_or_notify_cancel():
+                return  # the caller gave up (e.g. its RPC was cancelled): nothing to deliver
             exc = done.exception()
             if exc is not None:
                 outer.set_exception(exc)
