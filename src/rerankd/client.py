@@ -32,6 +32,7 @@ from rerankd.errors import (
 )
 from rerankd.types import (
     Document,
+    Fusion,
     LongDocs,
     Normalization,
     RerankOptions,
@@ -46,6 +47,7 @@ from rerankd.v1 import reranker_pb2_grpc as pb_grpc
 T = TypeVar("T")
 DocumentLike = str | Document | tuple[str, str] | dict
 _NORM = {Normalization.RAW: pb.NORMALIZATION_RAW, Normalization.SIGMOID: pb.NORMALIZATION_SIGMOID}
+_FUSION = {Fusion.OFF: pb.FUSION_OFF, Fusion.AUTO: pb.FUSION_AUTO}
 _LONG = {LongDocs.MAX: pb.LONG_DOCS_MAX, LongDocs.TRUNCATE: pb.LONG_DOCS_TRUNCATE}
 _INPUT = {"query": pb.INPUT_TYPE_QUERY, "document": pb.INPUT_TYPE_DOCUMENT}
 
@@ -78,6 +80,7 @@ class ModelInfo:
     dimension: int
     supports_depth: bool = False
     supports_token_pruning: bool = False
+    supports_fusion: bool = False
 
 
 def _doc(i: int, d: DocumentLike) -> pb.Document:
@@ -107,6 +110,8 @@ def make_options(**options: Any) -> RerankOptions:
             options["normalization"] = Normalization(options["normalization"])
         if "long_docs" in options:
             options["long_docs"] = LongDocs(options["long_docs"])
+        if "fusion" in options:
+            options["fusion"] = Fusion(options["fusion"])
         if "keep_schedule" in options:
             options["keep_schedule"] = tuple(options["keep_schedule"])
     except ValueError as exc:
@@ -152,6 +157,7 @@ def build_rerank_request(
             keep_schedule=options.keep_schedule,
             keep_ratio=options.keep_ratio,
             keep_from_layer=options.keep_from_layer,
+            fusion=_FUSION[options.fusion],
         ),
     )
 
@@ -159,7 +165,9 @@ def build_rerank_request(
 def parse_rerank(resp: pb.RerankResponse, return_documents: bool) -> RerankResponse:
     return RerankResponse(
         results=[
-            RerankResult(r.index, r.id, r.score, r.text if return_documents else None)
+            RerankResult(
+                r.index, r.id, r.score, r.text if return_documents else None, r.model_score
+            )
             for r in resp.results
         ],
         model=resp.model,
@@ -168,6 +176,7 @@ def parse_rerank(resp: pb.RerankResponse, return_documents: bool) -> RerankRespo
         cache_hits=resp.usage.cache_hits,
         depth=resp.depth,
         keep_schedule=tuple(round(x, 6) for x in resp.keep_schedule),
+        fusion_weight=resp.fusion_weight,
     )
 
 
@@ -231,6 +240,7 @@ def parse_models(resp: pb.ListModelsResponse) -> list[ModelInfo]:
             m.dimension,
             m.supports_depth,
             m.supports_token_pruning,
+            m.supports_fusion,
         )
         for m in resp.models
     ]

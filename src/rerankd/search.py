@@ -151,6 +151,7 @@ def hybrid_search(
     client: RerankClient | None = None,
     query_text: str | None = None,
     max_length: int = 0,
+    fusion: str = "auto",
 ) -> SearchResult:
     """First stage in the DB (`candidates` hits), rerank them, return the best `top_k`.
 
@@ -158,6 +159,8 @@ def hybrid_search(
     calls (embed + rerank) together; the DB call is bounded by the DB client's own timeout.
     If embedding the query fails and the DB has native BM25 (Milvus, Weaviate), the first
     stage falls back to it (fail-open); with learned sparse vectors (Qdrant) it raises.
+    `fusion="auto"` (default) fuses the model's scores with the first-stage order where the
+    model ships fitted fusion weights (`rerankd.engine.fusion`); "off" ranks by the model alone.
     """
     text, vector, need_dense, need_sparse = _plan(
         connector, query, query_text, mode, top_k, candidates
@@ -195,6 +198,7 @@ def hybrid_search(
                 [(c.id, c.text) for c in cands],
                 model=model or "",
                 max_length=max_length,
+                fusion=fusion,
                 timeout=_remaining(deadline),
             )
         except RerankdError as exc:
@@ -221,6 +225,7 @@ async def ahybrid_search(
     fail_open: bool = True,
     query_text: str | None = None,
     max_length: int = 0,
+    fusion: str = "auto",
 ) -> SearchResult:
     """The asyncio twin of `hybrid_search`; the DB call runs in a worker thread."""
     text, vector, need_dense, need_sparse = _plan(
@@ -260,6 +265,7 @@ async def ahybrid_search(
                 [(c.id, c.text) for c in cands],
                 model=model or "",
                 max_length=max_length,
+                fusion=fusion,
                 timeout=_remaining(deadline),
             )
         except RerankdError as exc:

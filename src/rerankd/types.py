@@ -33,6 +33,13 @@ class LongDocs(str, Enum):
     TRUNCATE = "truncate"  # score the first window only
 
 
+class Fusion(str, Enum):
+    """Whether a score fuses the model's with the first-stage order (documents in that order)."""
+
+    OFF = "off"  # the cross-encoder's score alone
+    AUTO = "auto"  # the model's fitted fusion (fusion.json) where it ships one, else OFF
+
+
 @dataclass(frozen=True)
 class RerankOptions:
     """Per-request knobs; a 0 means "the server's default" for every numeric field.
@@ -54,6 +61,9 @@ class RerankOptions:
     keep_schedule: tuple[float, ...] = ()
     keep_ratio: float = 0.0
     keep_from_layer: int = 0
+    # AUTO: documents are in first-stage order and scores fuse the model's with it
+    # (`rerankd.engine.fusion`); hybrid_search asks for it, plain Rerank calls do not.
+    fusion: Fusion = Fusion.OFF
 
 
 @dataclass(frozen=True)
@@ -64,6 +74,8 @@ class RerankResult:
     id: str
     score: float
     text: str | None = None
+    # The cross-encoder's own score; equals `score` unless fusion was applied.
+    model_score: float | None = None
 
 
 @dataclass
@@ -86,6 +98,7 @@ class RerankResponse:
     cache_hits: int = 0
     depth: int = 0  # encoder layers actually run
     keep_schedule: tuple[float, ...] = ()  # token share per layer used (empty: no pruning)
+    fusion_weight: float = 0.0  # the model's weight in the fused score (0: not fused)
 
 
 @dataclass(frozen=True)

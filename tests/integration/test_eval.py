@@ -275,3 +275,99 @@ def test_run_excludes_db_flags(scifact: Path, capsys: pytest.CaptureFixture[str]
         parse_args(["--dataset", str(scifact), "--modes", "dense,bm25"])
     opts = parse_args(["--dataset", str(scifact), "--modes", "sparse, dense"])
     assert opts.db == "qdrant" and list(opts.modes) == ["sparse", "dense"]
+
+
+# -- reranker configurations: --depths, --keep-ratios, --runs-dir, --plot ----------------------
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _check_configs(rep: dict[str, Any], key: str, names: list[str], queries: int) -> None:
+    """Every configuration reported with metrics in range, latencies and a Spearman
+    correlation in [-1, 1] for all but the full model; the old keys are the full model's."""
+    assert [c["name"] for c in rep["configs"]] == names
+    row = rep["modes"][key]
+    assert [c["name"] for c in row["configs"]] == names
+    for c in row["configs"]:
+        assert set(c["metrics"]) == METRICS and set(c["per_query"]) == set(
+            row["per_query"]["first_stage"]
+        )
+        assert all(0.0 <= v <= 1.0 for v in c["metrics"].values()), c
+        assert 0 < c["latency_ms"]["p50"] <= c["latency_ms"]["p99"], c
+        if c["name"] == "full":
+            assert c["spearman_vs_full"] is None and c["depth"] == 2
+            assert row["reranked_metrics"] == c["metrics"]
+        else:
+            assert c["spearman_queries"] == queries
+            assert -1.0 <= c["spearman_vs_full"] <= 1.0
+
+
+def _check_run_files(folder: Path, row: dict[str, Any], names: list[str]) -> None:
+    """A TREC file per ranking and a JSONL line per query, each with every query reported,
+    and in the JSONL one finite raw score per candidate and configuration."""
+    files = row["run_files"]
+    assert set(files) == {"first_stage", "scores", *names}
+    queries = set(row["per_query"]["first_stage"])
+    for name in ["first_stage", *names]:
+        assert set(load_run(folder / files[name])) == queries, name
+    lines = [json.loads(x) for x in (folder / files["scores"]).read_text().splitlines()]
+    assert {x["qid"] for x in lines} == queries
+    for x in lines:
+        assert list(x["scores"]) == names
+        assert len(x["ids"]) == len(x["first_stage_scores"]) > 0
+        for scores in x["scores"].values():
+            assert len(scores) == len(x["ids"]) and all(math.isfinite(s) for s in scores)
+
+
+def test_depths_on_a_trec_run(sidecar, tmp_path: Path) -> None:
+    """--depths 1 on the 2-layer SPLADE-tiny: a d1 line beside the full model's, both
+    scored on the same run candidates; run files and plot written."""
+    root = _dataset("trec-dl-2019")
+    out, plot, runs = tmp_path / "dl19.json", tmp_path / "dl19.png", tmp_path / "runs"
+    argv = ["--dataset", str(root), "--run", "bm25.top100", "--address", sidecar.address]
+    argv += ["--max-queries", "3", "--candidates", "10", "--max-length", "128", "--depths", "1"]
+    argv += ["--runs-dir", str(runs), "--plot", str(plot), "--no-progress"]
+    table, rep = _run_main([*argv, "--json", str(out)])
+    names = ["d1", "full"]
+    _check_configs(rep, "run", names, queries=3)
+    row = rep["modes"]["run"]
+    assert row["configs"][0]["depth"] == 1 and row["configs"][0]["keep_ratio"] == 1.0
+    # depth 1 scores differ from the full model's (one layer fewer), not only rescaled
+    lines = [json.loads(x) for x in (runs / "run.scores.jsonl").read_text().splitlines()]
+    assert any(x["scores"]["d1"] != x["scores"]["full"] for x in lines)
+    # the run files rescore exactly to the report's figures (first stage and each depth)
+    data = subset(load_dataset(root), max_queries=3, relevance_threshold=2)
+    for name, metrics in [
+        ("first_stage", row["first_stage_metrics"]),
+        *((c["name"], c["metrics"]) for c in row["configs"]),
+    ]:
+        ranked = load_run(runs / row["run_files"][name])
+        ev = evaluate(
+            {q: [d for d, _ in docs] for q, docs in ranked.items()},
+            data.qrels,
+            list(METRICS),
+            relevance_threshold=2,
+        )
+        assert ev.means == pytest.approx(metrics), name
+    _check_run_files(runs, row, names)
+    assert plot.read_bytes()[:8] == PNG_MAGIC and rep["plot"] == str(plot)
+    assert "reranked d1" in table and "reranked full" in table and "rho" in table
+
+
+def test_depths_and_keep_ratio_on_qdrant(sidecar, scifact: Path, tmp_path: Path) -> None:
+    """The DB path: the first stage once per query, then d1, full and full with pruning
+    (keep ratio 0.5 from layer 2; depth 1 has nothing to prune, so it is skipped)."""
+    argv = ["--dataset", str(scifact), "--db", "qdrant", "--modes", "dense"]
+    argv += ["--address", sidecar.address, "--max-queries", "5", "--max-docs", "30"]
+    argv += ["--candidates", "10", "--max-length", "128", "--no-progress"]
+    argv += ["--depths", "1,2", "--keep-ratios", "1.0,0.5", "--runs-dir", str(tmp_path / "runs")]
+    _, rep = _run_main([*argv, "--json", str(tmp_path / "r.json")])
+    names = ["d1", "full", "full-k0.5"]
+    _check_configs(rep, "dense", names, queries=5)
+    assert any("keep ratio 0.5 skipped" in n for n in rep["notes"])
+    row = rep["modes"]["dense"]
+    assert row["latency_ms"]["first_stage"]["p50"] > 0
+    assert row["configs"][2]["keep_ratio"] == 0.5
+    _check_run_files(tmp_path / "runs", row, names)
+    first = (tmp_path / "runs" / "dense.first_stage.trec").read_text().splitlines()
+    assert len(first) == 5 * 10

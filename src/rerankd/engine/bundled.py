@@ -63,7 +63,15 @@ def bundled_cross_encoder(name: str, seed: int = 0) -> Path:
 
 
 def resolve_source(source: str) -> Path:
-    """`bundled:NAME`, a local folder or a hub id -> a local checkpoint folder."""
+    """A shipped model's name, `bundled:NAME`, a local folder or a hub id -> a local folder.
+
+    A shipped name (`rerankd-minilm-l6`) wins over a same-named folder in the working
+    directory only when no such folder exists; pass `./NAME` to mean the folder.
+    """
+    from rerankd.engine.shipped import is_shipped, shipped_dir
+
+    if is_shipped(source) and not Path(source).is_dir():
+        return shipped_dir(source)
     if source.startswith(PREFIX):
         return bundled_cross_encoder(source[len(PREFIX) :])
     from rerankd.engine.checkpoint import resolve

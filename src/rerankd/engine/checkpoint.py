@@ -80,6 +80,9 @@ def safetensors_files(folder: Path) -> list[Path]:
 def read_weights(folder: Path, *, keep_mlm_head: bool = False) -> dict[str, torch.Tensor]:
     """All tensors of a checkpoint with legacy names normalised and pretraining heads dropped.
 
+    Tensors a shipped model references instead of storing (`rerankd.json`'s
+    `external_tensors`, see `rerankd.engine.shipped`) are read and hash-checked here.
+
     `keep_mlm_head=True` keeps BERT's masked-LM head (`cls.predictions.*`), which SPLADE
     sparse encoders are made of; the next-sentence head is dropped either way.
     """
@@ -95,6 +98,12 @@ def read_weights(folder: Path, *, keep_mlm_head: bool = False) -> dict[str, torc
             name = name[: -len(".gamma")] + ".weight"
         elif name.endswith(".beta"):
             name = name[: -len(".beta")] + ".bias"
+        out[name] = t
+    from rerankd.engine.shipped import external_tensors  # late: shipped imports bundled
+
+    for name, t in external_tensors(folder).items():
+        if name in out:
+            raise ModelLoadError(f"{folder}: tensor {name!r} is both stored and referenced")
         out[name] = t
     return out
 

@@ -17,6 +17,7 @@ import numpy as np
 
 from rerankd.engine.backends.base import Backend
 from rerankd.engine.cache import CacheConfig, ScoreCache
+from rerankd.engine.fusion import FusionParams, fuse
 from rerankd.engine.limits import Limits, resolve_keep_schedule, validate_rerank
 from rerankd.engine.models.config import ModelConfig
 from rerankd.engine.scheduler import JobResult, Scheduler, SchedulerConfig
@@ -24,6 +25,7 @@ from rerankd.engine.tokenize import EncodedRequest, PairEncoder
 from rerankd.errors import InvalidInputError
 from rerankd.types import (
     Document,
+    Fusion,
     LongDocs,
     Normalization,
     RerankOptions,
@@ -96,6 +98,8 @@ class Reranker:
         self.default_max_length = min(default_max_length, config.max_length)
         self.cache = ScoreCache(cache or CacheConfig())
         self.fingerprint = fingerprint or str(folder)
+        #: fitted fusion with the first-stage order (`fusion.json`), if the model ships one
+        self.fusion = FusionParams.load(folder)
         self.scheduler = Scheduler(
             backend, config.pad_token_id, scheduler or SchedulerConfig(), name
         )
@@ -228,19 +232,25 @@ class Reranker:
         options: RerankOptions,
         tokenize_s: float,
     ) -> RerankResponse:
-        """Normalise, sort best first (stable on ties: earlier documents first), cut to top_n."""
-        scores = result.scores.astype(np.float64)
+        """Normalise, fuse if asked, sort best first (stable on ties: earlier documents
+        first), cut to top_n."""
+        raw = result.scores.astype(np.float64)
+        scores = raw
         if options.normalization == Normalization.SIGMOID:
-            scores = 1.0 / (1.0 + np.exp(-scores))
-        order = np.argsort(-scores, kind="stable")
+            scores = 1.0 / (1.0 + np.exp(-raw))
+        ranking, weight = scores, 0.0
+        if options.fusion == Fusion.AUTO and self.fusion is not None:
+            ranking, weight = fuse(raw, self.fusion)
+        order = np.argsort(-ranking, kind="stable")
         if top_n:
             order = order[:top_n]
         results = [
             RerankResult(
                 index=int(i),
                 id=documents[i].id,
-                score=float(scores[i]),
+                score=float(ranking[i]),
                 text=documents[i].text if options.return_documents else None,
+                model_score=float(scores[i]),
             )
             for i in order
         ]
@@ -251,6 +261,7 @@ class Reranker:
             cache_hits=result.cache_hits,
             depth=options.depth or self.config.num_layers,
             keep_schedule=self.keep_schedule(options),
+            fusion_weight=weight,
             timings=Timings(
                 queue_us=int(result.queue_s * 1e6),
                 tokenize_us=int(tokenize_s * 1e6),

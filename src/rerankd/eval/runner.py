@@ -2,6 +2,7 @@
 
     rerankd eval --dataset ../shared/data/scifact --db qdrant --model bundled:splade-tiny
     rerankd eval --dataset ../shared/data/trec-dl-2019 --run bm25.top100 --json dl19.json
+    rerankd eval --dataset ../shared/data/scifact --modes dense --depths 2,4 --plot q.png
 
 With `--db`, the corpus is embedded through the sidecar and indexed into an embedded DB in a
 temporary folder (Qdrant local mode or Milvus Lite), and every query runs through
@@ -17,6 +18,20 @@ names a running one. Latency is per query, one query at a time: first stage = qu
 embedding + DB search, rerank = the Rerank call alone (gRPC included). Metric conventions
 (graded NDCG, binary threshold, which queries count) are in `rerankd.eval.metrics`.
 
+Reranker configurations: by default the candidates are reranked once, by the whole model.
+`--depths 2,4` reranks them again at each depth (the Rerank option `depth`: only the first
+k encoder layers run) and `--keep-ratios 0.5` with token pruning (option `keep_ratio`, from
+layer 2 on; torch backend, BERT-family models); every depth x ratio is one configuration,
+the full model always among them. Each configuration gets its own line: the metrics, its
+Rerank latency (mean, p50, p99) and the mean per-query Spearman correlation of its scores
+with the full model's over the same candidates. Within a query the configurations run one
+after another, starting from a different one each query, so no configuration always runs
+first (or last) against warm caches.
+
+`--plot q.png` draws NDCG@10 against rerank latency per configuration (`rerankd.eval.plot`,
+needs matplotlib); `--runs-dir DIR` writes every ranking as a TREC run plus each query's raw
+scores per configuration as JSONL, to fit a fusion offline (`rerankd.eval.report`).
+
 The bundled rerankers (`bundled:NAME`) have untrained heads: their reranked figures are
 expected to be *worse* than the first stage until rerankd ships a trained model. The run
 says so rather than leaving a bad number unexplained.
@@ -26,8 +41,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import hashlib
 import json
+import math
 import statistics
 import sys
 import tempfile
@@ -44,6 +61,8 @@ from rerankd.connectors.base import MODES, Connector
 from rerankd.errors import RerankdError
 from rerankd.eval.beir import BeirDataset, load_dataset, load_run, resolve_run, subset
 from rerankd.eval.metrics import DEFAULT_METRICS, evaluate, parse_metric, threshold_for
+from rerankd.eval.plot import have_matplotlib, plot_quality_latency
+from rerankd.eval.report import format_table, save_report, write_run_files
 
 COLLECTION = "rerankd_eval"
 DEFAULT_MODEL = "bundled:all-minilm-l6-v2"
@@ -78,17 +97,137 @@ class EvalOptions:
     batch_size: int = 32
     progress: bool = True
     metrics: Sequence[str] = field(default_factory=lambda: list(DEFAULT_METRICS))
+    depths: Sequence[int] = ()
+    keep_ratios: Sequence[float] = ()
+    plot_path: Path | None = None
+    runs_dir: Path | None = None
+    #: also rank by the model's fitted fusion with the first stage, where it ships one
+    fusion: bool = True
+
+
+#: The name of the reference configuration: the whole model, no token pruning.
+FULL = "full"
+
+
+@dataclass(frozen=True)
+class RerankConfig:
+    """One way of reranking the candidates: a depth (0 = every layer) and a keep ratio
+    (1.0 = no token pruning)."""
+
+    depth: int = 0
+    keep_ratio: float = 1.0
+    #: ranked by the model's fused score (`fusion="auto"`), read from the same call as the
+    #: unfused twin's `model_score`: no extra Rerank call
+    fused: bool = False
+
+    @property
+    def name(self) -> str:
+        base = f"d{self.depth}" if self.depth else FULL
+        base = base if self.keep_ratio >= 1.0 else f"{base}-k{self.keep_ratio:g}"
+        return f"{base}+fusion" if self.fused else base
+
+    @property
+    def is_reference(self) -> bool:
+        return self.depth == 0 and self.keep_ratio >= 1.0 and not self.fused
+
+    def options(self) -> dict[str, Any]:
+        """The Rerank options that select this configuration."""
+        out: dict[str, Any] = {}
+        if self.depth:
+            out["depth"] = self.depth
+        if self.keep_ratio < 1.0:
+            out["keep_ratio"] = self.keep_ratio
+        return out
+
+
+def plan_configs(
+    depths: Sequence[int],
+    keep_ratios: Sequence[float],
+    num_layers: int,
+    supports_pruning: bool = True,
+    reranker: str = "the reranker",
+) -> tuple[list[RerankConfig], list[str]]:
+    """Every depth x keep ratio asked for, the full model always included: shallowest first,
+    the full depth last, less pruning first within a depth. Also the notes on what was
+    dropped. A depth equal to the model's layer count is the full model."""
+    bad = [d for d in depths if not 1 <= d <= num_layers]
+    if bad:
+        raise EvalError(
+            f"--depths {','.join(map(str, bad))}: {reranker} has {num_layers} layers "
+            f"(depths 1..{num_layers})"
+        )
+    pruned = sorted({r for r in keep_ratios if r < 1.0}, reverse=True)
+    if pruned and not supports_pruning:
+        raise EvalError(
+            f"--keep-ratios: {reranker} does not prune tokens (only BERT-family models on "
+            "the torch backend do)"
+        )
+    levels = sorted({0 if d == num_layers else d for d in depths} | {0}, key=lambda d: d or 1e9)
+    configs, notes = [], []
+    for depth in levels:
+        configs.append(RerankConfig(depth, 1.0))
+        for ratio in pruned:
+            if (depth or num_layers) < 2:  # layer 1 reads every token: nothing to prune
+                notes.append(
+                    f"depth {depth or num_layers} with keep ratio {ratio:g} skipped: layer 1 "
+                    "reads every token, so a single layer has nothing to prune"
+                )
+                continue
+            configs.append(RerankConfig(depth, ratio))
+    return configs, notes
+
+
+@dataclass
+class _ConfigRankings:
+    """One configuration's reranked ranking per query, its latencies and correlations."""
+
+    reranked: dict[str, list[str]] = field(default_factory=dict)
+    ms: list[float] = field(default_factory=list)
+    spearman: list[float] = field(default_factory=list)
 
 
 @dataclass
 class _Rankings:
-    """One row's raw material: both rankings per query and the per-query latencies."""
+    """One row's raw material: the first-stage ranking and each configuration's reranked
+    one per query, the per-query latencies, and the raw scores (for `--runs-dir`)."""
 
+    configs: dict[str, _ConfigRankings] = field(default_factory=dict)
     first: dict[str, list[str]] = field(default_factory=dict)
-    reranked: dict[str, list[str]] = field(default_factory=dict)
     first_ms: list[float] = field(default_factory=list)
-    rerank_ms: list[float] = field(default_factory=list)
+    records: list[dict[str, Any]] = field(default_factory=list)
     empty: int = 0
+
+
+def _ranks(values: Sequence[float]) -> list[float]:
+    """1-based ranks, ties sharing their average rank."""
+    order = sorted(range(len(values)), key=values.__getitem__)
+    ranks = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
+    """Spearman's rank correlation of two score lists over the same items (ties get their
+    average rank); None where it is undefined: fewer than two items, or one side constant."""
+    if len(a) != len(b):
+        raise ValueError(f"spearman: {len(a)} scores against {len(b)}")
+    if len(a) < 2:
+        return None
+    ra, rb = _ranks(a), _ranks(b)
+    ma, mb = statistics.fmean(ra), statistics.fmean(rb)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb, strict=True))
+    va = sum((x - ma) ** 2 for x in ra)
+    vb = sum((y - mb) ** 2 for y in rb)
+    if va == 0 or vb == 0:
+        return None
+    return max(-1.0, min(1.0, cov / math.sqrt(va * vb)))
 
 
 def _positive(text: str) -> int:
@@ -96,6 +235,26 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
+
+
+def _depth_list(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not comma-separated layer counts: {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"depths must be >= 1: {text!r}")
+    return values
+
+
+def _ratio_list(text: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not comma-separated ratios: {text!r}") from None
+    if not values or any(not 0.0 < v <= 1.0 for v in values):  # NaN fails this too
+        raise argparse.ArgumentTypeError(f"keep ratios must be in (0, 1]: {text!r}")
+    return values
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -157,6 +316,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per sidecar call")
     p.add_argument("--batch-size", type=_positive, default=32, help="documents per Embed call")
     p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+    p.add_argument(
+        "--depths",
+        type=_depth_list,
+        default=[],
+        help="also rerank at these depths (comma-separated layer counts, e.g. 2,4,6), one "
+        "line each with its Spearman correlation to the full model's scores "
+        "(default: the full model only)",
+    )
+    p.add_argument(
+        "--keep-ratios",
+        type=_ratio_list,
+        default=[],
+        help="also rerank with token pruning at these keep ratios (comma-separated, in (0, 1], "
+        "from layer 2 on; torch backend only), at every depth",
+    )
+    p.add_argument(
+        "--plot",
+        dest="plot_path",
+        type=Path,
+        help="write a PNG of NDCG@10 against rerank latency p50 per configuration "
+        "(needs matplotlib)",
+    )
+    p.add_argument(
+        "--no-fusion",
+        action="store_true",
+        help="skip the '+fusion' rows (by default a model that ships fitted fusion weights "
+        "is also ranked by its fusion with the first-stage order, from the same calls)",
+    )
+    p.add_argument(
+        "--runs-dir",
+        type=Path,
+        help="write every ranking as a TREC run file (MODE.CONFIG.trec) and each query's "
+        "candidates with first-stage and raw reranker scores per configuration "
+        "(MODE.scores.jsonl)",
+    )
     return p
 
 
@@ -202,6 +396,11 @@ def parse_args(argv: Sequence[str] | None = None) -> EvalOptions:
         timeout=ns.timeout,
         batch_size=ns.batch_size,
         progress=not ns.no_progress,
+        depths=ns.depths,
+        keep_ratios=ns.keep_ratios,
+        plot_path=ns.plot_path,
+        runs_dir=ns.runs_dir,
+        fusion=not ns.no_fusion,
     )
 
 
@@ -280,6 +479,88 @@ def _close_connector(connector: Connector) -> None:
             close()
 
 
+def _rerank_query(
+    opts: EvalOptions,
+    client: RerankClient,
+    reranker: str,
+    configs: Sequence[RerankConfig],
+    out: _Rankings,
+    turn: int,
+    qid: str,
+    text: str,
+    candidates: Sequence[tuple[str, str, float]],
+) -> None:
+    """Rerank one query's candidates (id, text, first-stage score; first-stage order) once
+    per configuration; record each ranking, latency, raw scores and Spearman correlation.
+
+    The configurations start at a different one each `turn`, so none always runs first."""
+    ids = [c[0] for c in candidates]
+    out.first[qid] = ids
+    record: dict[str, Any] = {
+        "qid": qid,
+        "ids": ids,
+        "first_stage_scores": [c[2] for c in candidates],
+        "scores": {},
+    }
+    out.records.append(record)
+    if not ids:
+        out.empty += 1  # no candidates at all: every ranking is empty and scores 0
+        for cfg in configs:
+            out.configs[cfg.name].reranked[qid] = []
+            record["scores"][cfg.name] = []
+        return
+    docs = [(c[0], c[1]) for c in candidates]
+    called = [cfg for cfg in configs if not cfg.fused]
+    twins = {cfg.name.removesuffix("+fusion") for cfg in configs if cfg.fused}
+    k = turn % len(called)
+    for cfg in [*called[k:], *called[:k]]:
+        # fail loudly: a failed rerank must stop the evaluation, not be reported as a figure
+        fused = cfg.name in twins
+        t0 = time.perf_counter()
+        resp = client.rerank(
+            text,
+            docs,
+            model=reranker,
+            max_length=opts.max_length,
+            timeout=opts.timeout,
+            **cfg.options(),
+            **({"fusion": "auto"} if fused else {}),
+        )
+        ms = (time.perf_counter() - t0) * 1e3
+        scores = [math.nan] * len(ids)
+        for r in resp.results:
+            scores[r.index] = r.score if r.model_score is None else r.model_score
+        got = out.configs[cfg.name]
+        got.ms.append(ms)
+        got.reranked[qid] = [ids[i] for i in _order(scores)]
+        record["scores"][cfg.name] = scores
+        if fused:
+            twin = out.configs[f"{cfg.name}+fusion"]
+            twin.ms.append(ms)
+            twin.reranked[qid] = [r.id for r in resp.results]
+            fused_scores = [math.nan] * len(ids)
+            for r in resp.results:
+                fused_scores[r.index] = r.score
+            record["scores"][f"{cfg.name}+fusion"] = fused_scores
+    reference = record["scores"][FULL]
+    for cfg in configs:
+        if not cfg.is_reference and not cfg.fused:
+            rho = spearman(record["scores"][cfg.name], reference)
+            if rho is not None:
+                out.configs[cfg.name].spearman.append(rho)
+    # the record's scores in configuration order, whatever order they ran in
+    record["scores"] = {cfg.name: record["scores"][cfg.name] for cfg in configs}
+
+
+def _order(scores: Sequence[float]) -> list[int]:
+    """Indices best first; ties keep the earlier (first-stage) position."""
+    return sorted(range(len(scores)), key=lambda i: -scores[i])
+
+
+def _new_rankings(configs: Sequence[RerankConfig]) -> _Rankings:
+    return _Rankings(configs={cfg.name: _ConfigRankings() for cfg in configs})
+
+
 def _db_rankings(
     opts: EvalOptions,
     data: BeirDataset,
@@ -287,15 +568,15 @@ def _db_rankings(
     connector: Connector,
     mode: str,
     reranker: str,
+    configs: Sequence[RerankConfig],
 ) -> _Rankings:
     from rerankd.search import hybrid_search
 
-    out = _Rankings()
+    out = _new_rankings(configs)
     bar = tqdm(data.queries.items(), desc=f"{mode:>6}", unit="q", disable=not opts.progress)
-    for qid, text in bar:
-        # One call gives both rankings: top_k = candidates returns every candidate, reranked,
-        # each still carrying its first-stage rank. fail_open=False: a failed rerank must
-        # stop the evaluation, not quietly report first-stage figures as reranked ones.
+    for turn, (qid, text) in enumerate(bar):
+        # The first stage alone (rerank=False): every candidate, with its text, in
+        # first-stage order; the configurations then rerank the same candidate list.
         res = hybrid_search(
             COLLECTION,
             text,
@@ -304,18 +585,14 @@ def _db_rankings(
             mode=mode,
             top_k=opts.candidates,
             candidates=opts.candidates,
-            model=reranker,
-            max_length=opts.max_length,
+            rerank=False,
             timeout=opts.timeout,
             fail_open=False,
         )
-        out.first[qid] = [h.id for h in sorted(res.hits, key=lambda h: h.first_stage_rank)]
-        out.reranked[qid] = [h.id for h in res.hits]
+        hits = sorted(res.hits, key=lambda h: h.first_stage_rank)
         out.first_ms.append(res.timings.embed_ms + res.timings.first_stage_ms)
-        if res.reranked:
-            out.rerank_ms.append(res.timings.rerank_ms)
-        else:
-            out.empty += 1  # no candidates at all: both rankings are empty and score 0
+        cands = [(h.id, h.text, h.first_stage_score) for h in hits]
+        _rerank_query(opts, client, reranker, configs, out, turn, qid, text, cands)
     return out
 
 
@@ -326,25 +603,16 @@ def _run_rankings(
     client: RerankClient,
     run: dict[str, list[tuple[str, float]]],
     reranker: str,
+    configs: Sequence[RerankConfig] = (RerankConfig(),),
 ) -> tuple[_Rankings, int]:
     """Rerank the run's top `candidates` per query; also count candidates without text."""
-    out, missing = _Rankings(), 0
+    out, missing = _new_rankings(configs), 0
     bar = tqdm(data.queries.items(), desc="   run", unit="q", disable=not opts.progress)
-    for qid, text in bar:
-        ids = [d for d, _ in run.get(qid, [])[: opts.candidates]]
-        out.first[qid] = ids
-        if not ids:
-            out.reranked[qid] = []
-            out.empty += 1
-            continue
-        missing += sum(d not in full_corpus for d in ids)
-        docs = [(d, full_corpus.get(d, "")) for d in ids]
-        t0 = time.perf_counter()
-        resp = client.rerank(
-            text, docs, model=reranker, max_length=opts.max_length, timeout=opts.timeout
-        )
-        out.rerank_ms.append((time.perf_counter() - t0) * 1e3)
-        out.reranked[qid] = [r.id for r in resp.results]
+    for turn, (qid, text) in enumerate(bar):
+        top = run.get(qid, [])[: opts.candidates]
+        missing += sum(d not in full_corpus for d, _ in top)
+        cands = [(d, full_corpus.get(d, ""), score) for d, score in top]
+        _rerank_query(opts, client, reranker, configs, out, turn, qid, text, cands)
     return out, missing
 
 
@@ -352,30 +620,80 @@ def _run_rankings(
 
 
 def _latency(values: list[float]) -> dict[str, float] | None:
+    """Mean, median and 99th percentile (linear between the two nearest values)."""
     if not values:
         return None
-    return {"mean": statistics.fmean(values), "p50": statistics.median(values)}
+    if len(values) > 1:
+        p99 = statistics.quantiles(values, n=100, method="inclusive")[98]
+    else:
+        p99 = values[0]
+    return {"mean": statistics.fmean(values), "p50": statistics.median(values), "p99": p99}
 
 
 def _row(
-    label: str, r: _Rankings, data: BeirDataset, metrics: Sequence[str], threshold: int
+    label: str,
+    r: _Rankings,
+    data: BeirDataset,
+    metrics: Sequence[str],
+    threshold: int,
+    configs: Sequence[RerankConfig] = (RerankConfig(),),
+    num_layers: int = 0,
 ) -> dict[str, Any]:
+    """One row of the report: the first stage and, under `configs`, each configuration.
+    `reranked_metrics`, `latency_ms.rerank` and `per_query.reranked` are the full model's."""
     first = evaluate(r.first, data.qrels, metrics, relevance_threshold=threshold)
-    reranked = evaluate(r.reranked, data.qrels, metrics, relevance_threshold=threshold)
+    rows = []
+    for cfg in configs:
+        got = r.configs[cfg.name]
+        ev = evaluate(got.reranked, data.qrels, metrics, relevance_threshold=threshold)
+        rows.append(
+            {
+                "name": cfg.name,
+                "depth": cfg.depth or num_layers or None,
+                "keep_ratio": cfg.keep_ratio,
+                "metrics": ev.means,
+                "latency_ms": _latency(got.ms),
+                # None for the full model itself (the reference), or when no query had two
+                # candidates with distinct scores
+                "spearman_vs_full": statistics.fmean(got.spearman) if got.spearman else None,
+                "spearman_queries": len(got.spearman),
+                "per_query": ev.per_query,
+            }
+        )
+    full = next(c for c in rows if c["name"] == FULL)
     return {
         "first_stage": label,
         "queries": first.num_queries,
         "queries_without_candidates": r.empty,
         "first_stage_metrics": first.means,
-        "reranked_metrics": reranked.means,
-        "latency_ms": {"first_stage": _latency(r.first_ms), "rerank": _latency(r.rerank_ms)},
+        "reranked_metrics": full["metrics"],
+        "latency_ms": {"first_stage": _latency(r.first_ms), "rerank": full["latency_ms"]},
         # Per query, so a surprising mean can be traced to the queries behind it.
-        "per_query": {"first_stage": first.per_query, "reranked": reranked.per_query},
+        "per_query": {"first_stage": first.per_query, "reranked": full["per_query"]},
+        "configs": rows,
     }
 
 
+def _finish_row(
+    opts: EvalOptions,
+    report: dict[str, Any],
+    key: str,
+    row: dict[str, Any],
+    r: _Rankings,
+    configs: Sequence[RerankConfig],
+) -> None:
+    """Store a finished row; write its run files and the JSON so far, where asked."""
+    report["modes"][key] = row
+    if opts.runs_dir is not None:
+        files = write_run_files(opts.runs_dir, key, r.records, [c.name for c in configs])
+        row["run_files"] = files
+        report["runs_dir"] = str(opts.runs_dir)
+    if opts.json_path:
+        save_report(report, opts.json_path)
+
+
 def _notes(opts: EvalOptions, reranker: ModelInfo, metrics: Sequence[str]) -> list[str]:
-    notes = []
+    notes: list[str] = []
     if reranker.source.startswith("bundled:"):
         notes.append(
             f"reranker {reranker.source} has an untrained (seed 0) classification head: its "
@@ -442,26 +760,37 @@ def run_eval(opts: EvalOptions) -> dict[str, Any]:
             for kind, m in (("dense", dense), ("sparse", sparse))
         }
         report["notes"] = _notes(opts, reranker, opts.metrics)
+        configs, dropped = plan_configs(
+            opts.depths,
+            opts.keep_ratios,
+            reranker.num_layers,
+            reranker.supports_token_pruning,
+            f"reranker {reranker.name}",
+        )
+        report["notes"] += dropped
+        if opts.fusion and reranker.supports_fusion:
+            configs += [dataclasses.replace(c, fused=True) for c in configs]
+        report["configs"] = [
+            {
+                "name": c.name,
+                "depth": c.depth or reranker.num_layers,
+                "keep_ratio": c.keep_ratio,
+                "options": c.options(),
+            }
+            for c in configs
+        ]
         if run is not None:
             name = Path(opts.run or "").name.removesuffix(".trec")
-            r, missing = _run_rankings(opts, data, full.corpus, client, run, reranker.name)
-            rows["run"] = _row(
-                f"TREC run {name} (top {opts.candidates})", r, data, opts.metrics, threshold
-            )
-            rows["run"]["candidates_without_text"] = missing
+            r, missing = _run_rankings(opts, data, full.corpus, client, run, reranker.name, configs)
+            label = f"TREC run {name} (top {opts.candidates})"
+            row = _row(label, r, data, opts.metrics, threshold, configs, reranker.num_layers)
+            row["candidates_without_text"] = missing
+            _finish_row(opts, report, "run", row, r, configs)
         else:
-            _db_rows(opts, data, client, reranker.name, dense, sparse, threshold, report)
+            _db_rows(opts, data, client, reranker, dense, sparse, threshold, report, configs)
     report["complete"] = True
     report["total_seconds"] = round(time.perf_counter() - t_start, 2)
     return report
-
-
-def save_report(report: dict[str, Any], path: Path) -> None:
-    """Write the JSON report atomically: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)
 
 
 #: The file in `--index-dir` that says what the index holds.
@@ -509,17 +838,17 @@ def _db_rows(
     opts: EvalOptions,
     data: BeirDataset,
     client: RerankClient,
-    reranker: str,
-    dense: str | None,
-    sparse: str | None,
+    reranker: ModelInfo,
+    dense: ModelInfo | None,
+    sparse: ModelInfo | None,
     threshold: int,
     report: dict[str, Any],
+    configs: Sequence[RerankConfig] = (RerankConfig(),),
 ) -> None:
     """Index (or reuse) the corpus, then fill `report["modes"]` one mode at a time."""
     from rerankd.indexing import SourceDocument, index_documents
 
     assert opts.db is not None
-    rows: dict[str, dict[str, Any]] = report["modes"]
     if opts.index_dir is not None:
         opts.index_dir.mkdir(parents=True, exist_ok=True)
         where: contextlib.AbstractContextManager[str] = contextlib.nullcontext(str(opts.index_dir))
@@ -562,77 +891,26 @@ def _db_rows(
                 label = first_stage_label(
                     opts.db, mode, connector.needs_sparse, dense_name, sparse_name
                 )
-                r = _db_rankings(opts, data, client, connector, mode, reranker)
-                rows[mode] = _row(label, r, data, opts.metrics, threshold)
-                if opts.json_path:
-                    save_report(report, opts.json_path)
+                r = _db_rankings(opts, data, client, connector, mode, reranker.name, configs)
+                row = _row(label, r, data, opts.metrics, threshold, configs, reranker.num_layers)
+                _finish_row(opts, report, mode, row, r, configs)
         finally:
             _close_connector(connector)
 
 
-# -- output ----------------------------------------------------------------------------------
-
-
-def _header(spec: str) -> str:
-    name, k = parse_metric(spec)
-    return {"ndcg": "NDCG", "mrr": "MRR", "recall": "R"}[name] + f"@{k}"
-
-
-def _ms(lat: dict[str, float] | None, key: str) -> str:
-    return "-" if lat is None else f"{lat[key]:.1f}"
-
-
-def format_table(report: dict[str, Any]) -> str:
-    """The report as a fixed-width table: two lines per mode (first stage, reranked)."""
-    ds, rr = report["dataset"], report["reranker"]
-    where = f"run {report['run']}" if report["run"] else f"embedded {report['db']}"
-    docs = f", {ds['docs']} docs" if ds["docs"] is not None else ""
-    lines = [
-        f"rerankd eval: {ds['name']} ({ds['split']}), {ds['queries']} queries{docs}, "
-        f"binary relevance at grade >= {ds['relevance_threshold']}",
-        f"first stage: {where}; reranker {rr['name']} ({rr['source']}, {rr['architecture']}, "
-        f"{rr['backend']}), {report['candidates']} candidates"
-        + (f", max_length {report['max_length']}" if report["max_length"] else ""),
-        "",
-    ]
-    metrics = report["metrics"]
-    labels = [row["first_stage"] for row in report["modes"].values()]
-    width = max([len("first stage"), *map(len, labels)])
-    head = f"{'mode':<7} {'first stage':<{width}} {'ranking':<11}"
-    head += "".join(f" {_header(m):>9}" for m in metrics) + f" {'mean ms':>9} {'p50 ms':>8}"
-    lines += [head, "-" * len(head)]
-    for mode, row in report["modes"].items():
-        for i, (stage, key, lat) in enumerate(
-            (
-                ("first stage", "first_stage_metrics", row["latency_ms"]["first_stage"]),
-                ("reranked", "reranked_metrics", row["latency_ms"]["rerank"]),
-            )
-        ):
-            left = f"{mode:<7} {row['first_stage']:<{width}}" if i == 0 else " " * (8 + width)
-            vals = "".join(f" {row[key][m]:>9.4f}" for m in metrics)
-            lines.append(f"{left} {stage:<11}{vals} {_ms(lat, 'mean'):>9} {_ms(lat, 'p50'):>8}")
-    lines.append("")
-    if report["run"]:
-        lines.append("latency per query: the Rerank call alone (the first stage is the run file)")
-    else:
-        lines.append(
-            "latency per query: first stage = query embedding + DB search; reranked = the "
-            "Rerank call alone"
-        )
-    took = f"whole run {report['total_seconds']:.1f} s"
-    if "index_reused" in report:
-        took = f"index reused from {report['index_reused']}, {took}"
-    elif "index_seconds" in report:
-        took = f"indexing {report['index_seconds']:.1f} s, {took}"
-    lines.append(took)
-    for note in report["notes"]:
-        lines.append(f"NOTE: {note}")
-    return "\n".join(lines)
+# -- command ---------------------------------------------------------------------------------
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`rerankd eval ...`: print the table, write the JSON report if asked."""
+    """`rerankd eval ...`: print the table; write the JSON report, the plot and the run files
+    if asked."""
     opts = parse_args(argv)
+    if opts.plot_path is not None and not have_matplotlib():
+        # said before the evaluation, not after an hour of it
+        print(
+            "rerankd eval: error: --plot needs matplotlib (pip install matplotlib)", file=sys.stderr
+        )
+        return 2
     try:
         report = run_eval(opts)
     except (FileNotFoundError, ValueError, EvalError) as exc:
@@ -641,7 +919,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RerankdError as exc:  # the sidecar or the DB failed mid-run
         print(f"rerankd eval: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
-    print(format_table(report), flush=True)
     if opts.json_path:
+        save_report(report, opts.json_path)  # before plotting: the figures are safe first
+    code = 0
+    if opts.plot_path is not None:
+        try:
+            report["plot"] = str(plot_quality_latency(report, opts.plot_path))
+        except (OSError, ValueError, RuntimeError) as exc:
+            print(f"rerankd eval: the plot failed: {exc}", file=sys.stderr)
+            code = 1
+    print(format_table(report), flush=True)
+    if opts.json_path and "plot" in report:
         save_report(report, opts.json_path)
-    return 0
+    return code

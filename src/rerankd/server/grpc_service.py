@@ -26,6 +26,7 @@ from rerankd.server.registry import Registry
 from rerankd.server.status import code_for
 from rerankd.types import (
     Document,
+    Fusion,
     LongDocs,
     Normalization,
     RerankOptions,
@@ -46,6 +47,11 @@ _LONG_DOCS = {
     pb.LONG_DOCS_UNSPECIFIED: LongDocs.MAX,
     pb.LONG_DOCS_MAX: LongDocs.MAX,
     pb.LONG_DOCS_TRUNCATE: LongDocs.TRUNCATE,
+}
+_FUSION = {
+    pb.FUSION_UNSPECIFIED: Fusion.OFF,
+    pb.FUSION_OFF: Fusion.OFF,
+    pb.FUSION_AUTO: Fusion.AUTO,
 }
 _KIND = {"dense": pb.MODEL_KIND_DENSE_ENCODER, "sparse": pb.MODEL_KIND_SPARSE_ENCODER}
 
@@ -76,6 +82,8 @@ def options_from_proto(opts: pb.RerankOptions) -> RerankOptions:
         raise InvalidInputError(
             f"unknown long_docs value {opts.long_docs}; use MAX (1) or TRUNCATE (2)"
         )
+    if opts.fusion not in _FUSION:
+        raise InvalidInputError(f"unknown fusion value {opts.fusion}; use OFF (1) or AUTO (2)")
     return RerankOptions(
         max_length=opts.max_length,
         normalization=_NORMALIZATION[opts.normalization],
@@ -87,18 +95,26 @@ def options_from_proto(opts: pb.RerankOptions) -> RerankOptions:
         keep_schedule=tuple(opts.keep_schedule),
         keep_ratio=opts.keep_ratio,
         keep_from_layer=opts.keep_from_layer,
+        fusion=_FUSION[opts.fusion],
     )
 
 
 def response_to_proto(resp: RerankResponse) -> pb.RerankResponse:
     return pb.RerankResponse(
         results=[
-            pb.RerankResult(index=r.index, id=r.id, score=r.score, text=r.text or "")
+            pb.RerankResult(
+                index=r.index,
+                id=r.id,
+                score=r.score,
+                text=r.text or "",
+                model_score=r.score if r.model_score is None else r.model_score,
+            )
             for r in resp.results
         ],
         model=resp.model,
         depth=resp.depth,
         keep_schedule=resp.keep_schedule,
+        fusion_weight=resp.fusion_weight,
         usage=pb.Usage(tokens=resp.tokens, cache_hits=resp.cache_hits),
         timings=pb.Timings(
             queue_us=resp.timings.queue_us,
@@ -126,6 +142,7 @@ def reranker_info(model: Reranker, is_default: bool) -> pb.ModelInfo:
         is_default=is_default,
         supports_depth=True,
         supports_token_pruning=model.supports_pruning,
+        supports_fusion=model.fusion is not None,
     )
 
 

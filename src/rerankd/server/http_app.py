@@ -58,7 +58,7 @@ from rerankd.server.auth import TlsFiles, token_matches
 from rerankd.server.grpc_service import EmbedResult, RerankerService
 from rerankd.server.metrics import Metrics
 from rerankd.server.status import http_status_for
-from rerankd.types import Document, LongDocs, Normalization, RerankOptions, RerankResponse
+from rerankd.types import Document, Fusion, LongDocs, Normalization, RerankOptions, RerankResponse
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +120,9 @@ class RerankBody(BaseModel):
     )
     keep_ratio: float = Field(0.0, description="or one keep ratio from keep_from_layer on")
     keep_from_layer: int = Field(0, description="1-based layer the keep_ratio starts at")
+    fusion: Literal["off", "auto"] = Field(
+        "off", description="auto: documents are in first-stage order; fuse with it"
+    )
 
 
 class EmbeddingsBody(BaseModel):
@@ -167,6 +170,8 @@ def rerank_payload(resp: RerankResponse, body: RerankBody, request_id: str) -> d
             item["id"] = doc.id
         if body.return_documents:
             item["document"] = {"text": doc.text}
+        if resp.fusion_weight:
+            item["model_score"] = r.model_score
         results.append(item)
     return {
         "id": request_id,
@@ -179,6 +184,7 @@ def rerank_payload(resp: RerankResponse, body: RerankBody, request_id: str) -> d
             "depth": resp.depth,
             "keep_schedule": list(resp.keep_schedule),
             "cache_hits": resp.cache_hits,
+            "fusion_weight": resp.fusion_weight,
         },
     }
 
@@ -221,6 +227,7 @@ def rerank_inputs(body: RerankBody) -> tuple[list[Document], int, RerankOptions]
         keep_schedule=tuple(body.keep_schedule),
         keep_ratio=body.keep_ratio,
         keep_from_layer=body.keep_from_layer,
+        fusion=Fusion(body.fusion),
     )
     return documents, body.top_n or 0, options
 

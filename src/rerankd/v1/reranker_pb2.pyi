@@ -19,6 +19,12 @@ class LongDocs(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     LONG_DOCS_MAX: _ClassVar[LongDocs]
     LONG_DOCS_TRUNCATE: _ClassVar[LongDocs]
 
+class Fusion(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    FUSION_UNSPECIFIED: _ClassVar[Fusion]
+    FUSION_OFF: _ClassVar[Fusion]
+    FUSION_AUTO: _ClassVar[Fusion]
+
 class InputType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     INPUT_TYPE_UNSPECIFIED: _ClassVar[InputType]
@@ -37,6 +43,9 @@ NORMALIZATION_SIGMOID: Normalization
 LONG_DOCS_UNSPECIFIED: LongDocs
 LONG_DOCS_MAX: LongDocs
 LONG_DOCS_TRUNCATE: LongDocs
+FUSION_UNSPECIFIED: Fusion
+FUSION_OFF: Fusion
+FUSION_AUTO: Fusion
 INPUT_TYPE_UNSPECIFIED: InputType
 INPUT_TYPE_QUERY: InputType
 INPUT_TYPE_DOCUMENT: InputType
@@ -54,7 +63,7 @@ class Document(_message.Message):
     def __init__(self, id: _Optional[str] = ..., text: _Optional[str] = ...) -> None: ...
 
 class RerankOptions(_message.Message):
-    __slots__ = ("max_length", "normalization", "return_documents", "depth", "long_docs", "window_overlap", "max_doc_tokens", "keep_schedule", "keep_ratio", "keep_from_layer")
+    __slots__ = ("max_length", "normalization", "return_documents", "depth", "long_docs", "window_overlap", "max_doc_tokens", "keep_schedule", "keep_ratio", "keep_from_layer", "fusion")
     MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
     NORMALIZATION_FIELD_NUMBER: _ClassVar[int]
     RETURN_DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
@@ -65,6 +74,7 @@ class RerankOptions(_message.Message):
     KEEP_SCHEDULE_FIELD_NUMBER: _ClassVar[int]
     KEEP_RATIO_FIELD_NUMBER: _ClassVar[int]
     KEEP_FROM_LAYER_FIELD_NUMBER: _ClassVar[int]
+    FUSION_FIELD_NUMBER: _ClassVar[int]
     max_length: int
     normalization: Normalization
     return_documents: bool
@@ -75,7 +85,8 @@ class RerankOptions(_message.Message):
     keep_schedule: _containers.RepeatedScalarFieldContainer[float]
     keep_ratio: float
     keep_from_layer: int
-    def __init__(self, max_length: _Optional[int] = ..., normalization: _Optional[_Union[Normalization, str]] = ..., return_documents: bool = ..., depth: _Optional[int] = ..., long_docs: _Optional[_Union[LongDocs, str]] = ..., window_overlap: _Optional[int] = ..., max_doc_tokens: _Optional[int] = ..., keep_schedule: _Optional[_Iterable[float]] = ..., keep_ratio: _Optional[float] = ..., keep_from_layer: _Optional[int] = ...) -> None: ...
+    fusion: Fusion
+    def __init__(self, max_length: _Optional[int] = ..., normalization: _Optional[_Union[Normalization, str]] = ..., return_documents: bool = ..., depth: _Optional[int] = ..., long_docs: _Optional[_Union[LongDocs, str]] = ..., window_overlap: _Optional[int] = ..., max_doc_tokens: _Optional[int] = ..., keep_schedule: _Optional[_Iterable[float]] = ..., keep_ratio: _Optional[float] = ..., keep_from_layer: _Optional[int] = ..., fusion: _Optional[_Union[Fusion, str]] = ...) -> None: ...
 
 class RerankRequest(_message.Message):
     __slots__ = ("query", "documents", "top_n", "model", "options")
@@ -92,16 +103,18 @@ class RerankRequest(_message.Message):
     def __init__(self, query: _Optional[str] = ..., documents: _Optional[_Iterable[_Union[Document, _Mapping]]] = ..., top_n: _Optional[int] = ..., model: _Optional[str] = ..., options: _Optional[_Union[RerankOptions, _Mapping]] = ...) -> None: ...
 
 class RerankResult(_message.Message):
-    __slots__ = ("index", "id", "score", "text")
+    __slots__ = ("index", "id", "score", "text", "model_score")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     ID_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_SCORE_FIELD_NUMBER: _ClassVar[int]
     index: int
     id: str
     score: float
     text: str
-    def __init__(self, index: _Optional[int] = ..., id: _Optional[str] = ..., score: _Optional[float] = ..., text: _Optional[str] = ...) -> None: ...
+    model_score: float
+    def __init__(self, index: _Optional[int] = ..., id: _Optional[str] = ..., score: _Optional[float] = ..., text: _Optional[str] = ..., model_score: _Optional[float] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("tokens", "cache_hits")
@@ -122,20 +135,22 @@ class Timings(_message.Message):
     def __init__(self, queue_us: _Optional[int] = ..., tokenize_us: _Optional[int] = ..., inference_us: _Optional[int] = ...) -> None: ...
 
 class RerankResponse(_message.Message):
-    __slots__ = ("results", "model", "usage", "timings", "depth", "keep_schedule")
+    __slots__ = ("results", "model", "usage", "timings", "depth", "keep_schedule", "fusion_weight")
     RESULTS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     DEPTH_FIELD_NUMBER: _ClassVar[int]
     KEEP_SCHEDULE_FIELD_NUMBER: _ClassVar[int]
+    FUSION_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[RerankResult]
     model: str
     usage: Usage
     timings: Timings
     depth: int
     keep_schedule: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, results: _Optional[_Iterable[_Union[RerankResult, _Mapping]]] = ..., model: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., depth: _Optional[int] = ..., keep_schedule: _Optional[_Iterable[float]] = ...) -> None: ...
+    fusion_weight: float
+    def __init__(self, results: _Optional[_Iterable[_Union[RerankResult, _Mapping]]] = ..., model: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., depth: _Optional[int] = ..., keep_schedule: _Optional[_Iterable[float]] = ..., fusion_weight: _Optional[float] = ...) -> None: ...
 
 class EmbedRequest(_message.Message):
     __slots__ = ("texts", "dense_model", "input_type", "dense", "sparse", "normalize", "sparse_model")
@@ -194,7 +209,7 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "kind", "source", "architecture", "num_layers", "hidden_size", "num_heads", "max_length", "default_max_length", "backend", "precision", "device", "is_default", "dimension", "supports_depth", "supports_token_pruning")
+    __slots__ = ("name", "kind", "source", "architecture", "num_layers", "hidden_size", "num_heads", "max_length", "default_max_length", "backend", "precision", "device", "is_default", "dimension", "supports_depth", "supports_token_pruning", "supports_fusion")
     NAME_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
@@ -211,6 +226,7 @@ class ModelInfo(_message.Message):
     DIMENSION_FIELD_NUMBER: _ClassVar[int]
     SUPPORTS_DEPTH_FIELD_NUMBER: _ClassVar[int]
     SUPPORTS_TOKEN_PRUNING_FIELD_NUMBER: _ClassVar[int]
+    SUPPORTS_FUSION_FIELD_NUMBER: _ClassVar[int]
     name: str
     kind: ModelKind
     source: str
@@ -227,7 +243,8 @@ class ModelInfo(_message.Message):
     dimension: int
     supports_depth: bool
     supports_token_pruning: bool
-    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[ModelKind, str]] = ..., source: _Optional[str] = ..., architecture: _Optional[str] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., num_heads: _Optional[int] = ..., max_length: _Optional[int] = ..., default_max_length: _Optional[int] = ..., backend: _Optional[str] = ..., precision: _Optional[str] = ..., device: _Optional[str] = ..., is_default: bool = ..., dimension: _Optional[int] = ..., supports_depth: bool = ..., supports_token_pruning: bool = ...) -> None: ...
+    supports_fusion: bool
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[ModelKind, str]] = ..., source: _Optional[str] = ..., architecture: _Optional[str] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., num_heads: _Optional[int] = ..., max_length: _Optional[int] = ..., default_max_length: _Optional[int] = ..., backend: _Optional[str] = ..., precision: _Optional[str] = ..., device: _Optional[str] = ..., is_default: bool = ..., dimension: _Optional[int] = ..., supports_depth: bool = ..., supports_token_pruning: bool = ..., supports_fusion: bool = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)
