@@ -95,6 +95,12 @@ def _distill(argv: Sequence[str]) -> int:
     return main_distill(argv)
 
 
+def _fit_fusion(argv: Sequence[str]) -> int:
+    from rerankd.train.fusion_fit import main as fit_main
+
+    return fit_main(argv)
+
+
 def _eval(argv: Sequence[str]) -> int:
     from rerankd.eval.runner import main as eval_main
 
@@ -110,6 +116,7 @@ COMMANDS = {
     "convert-backbone": (_convert, "make a cross-encoder checkpoint from a bare encoder"),
     "train": (_train, "fine-tune a cross-encoder on a BEIR train split (hard negatives)"),
     "distill": (_distill, "teacher -> student, or Matryoshka cascaded self-distillation"),
+    "fit-fusion": (_fit_fusion, "fit a model's fusion with the first stage on dev queries"),
 }
 
 

@@ -18,7 +18,8 @@ in corpus order up to a budget.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import random
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -166,6 +167,19 @@ def resolve_run(folder: str | Path, run: str | Path) -> Path:
         return shipped[name]
     known = ", ".join(shipped) or "none"
     raise FileNotFoundError(f"run {str(run)!r} is neither a file nor a run of {folder} ({known})")
+
+
+def split_dev(qids: Sequence[str], dev: int, seed: int) -> tuple[list[str], list[str]]:
+    """(train, dev): `dev` queries drawn with the seed, both kept in their original order.
+
+    `dev` may not take every query: a run with nothing to train on is a mistake.
+    """
+    if dev < 0:
+        raise ValueError(f"dev queries must be >= 0, got {dev}")
+    if dev and dev >= len(qids):
+        raise ValueError(f"{dev} dev queries leave none of the {len(qids)} to train on")
+    chosen = set(random.Random(f"{seed}:dev").sample(list(qids), dev)) if dev else set()
+    return [q for q in qids if q not in chosen], [q for q in qids if q in chosen]
 
 
 def subset(

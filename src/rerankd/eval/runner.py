@@ -59,7 +59,14 @@ from tqdm.auto import tqdm
 from rerankd.client import ModelInfo, RerankClient
 from rerankd.connectors.base import MODES, Connector
 from rerankd.errors import RerankdError
-from rerankd.eval.beir import BeirDataset, load_dataset, load_run, resolve_run, subset
+from rerankd.eval.beir import (
+    BeirDataset,
+    load_dataset,
+    load_run,
+    resolve_run,
+    split_dev,
+    subset,
+)
 from rerankd.eval.metrics import DEFAULT_METRICS, evaluate, parse_metric, threshold_for
 from rerankd.eval.plot import have_matplotlib, plot_quality_latency
 from rerankd.eval.report import format_table, save_report, write_run_files
@@ -103,6 +110,10 @@ class EvalOptions:
     runs_dir: Path | None = None
     #: also rank by the model's fitted fusion with the first stage, where it ships one
     fusion: bool = True
+    #: evaluate only the held-apart dev slice `rerankd train --dev-queries N --seed S` kept
+    #: out of the train split (what fusion is fitted on); 0 = every query
+    dev_queries: int = 0
+    dev_seed: int = 0
 
 
 #: The name of the reference configuration: the whole model, no token pruning.
@@ -339,6 +350,14 @@ def build_parser() -> argparse.ArgumentParser:
         "(needs matplotlib)",
     )
     p.add_argument(
+        "--dev-queries",
+        type=int,
+        default=0,
+        help="only the N train queries `rerankd train --dev-queries N --seed S` held apart "
+        "(needs --split train; what `rerankd fit-fusion` is fitted on)",
+    )
+    p.add_argument("--dev-seed", type=int, default=0, help="the training run's --seed")
+    p.add_argument(
         "--no-fusion",
         action="store_true",
         help="skip the '+fusion' rows (by default a model that ships fitted fusion weights "
@@ -376,6 +395,8 @@ def parse_args(argv: Sequence[str] | None = None) -> EvalOptions:
             p.error(f"--modes takes a comma-separated subset of {','.join(MODES)}: {ns.modes!r}")
     if ns.max_length < 0:
         p.error("--max-length must be >= 0")
+    if ns.dev_queries < 0 or (ns.dev_queries and ns.split != "train"):
+        p.error("--dev-queries N (N >= 1) selects held-apart train queries: add --split train")
     return EvalOptions(
         dataset=ns.dataset,
         db=None if ns.run is not None else (ns.db or "qdrant"),
@@ -401,6 +422,8 @@ def parse_args(argv: Sequence[str] | None = None) -> EvalOptions:
         plot_path=ns.plot_path,
         runs_dir=ns.runs_dir,
         fusion=not ns.no_fusion,
+        dev_queries=ns.dev_queries,
+        dev_seed=ns.dev_seed,
     )
 
 
@@ -715,6 +738,14 @@ def run_eval(opts: EvalOptions) -> dict[str, Any]:
     t_start = time.perf_counter()
     full = load_dataset(opts.dataset, opts.split)
     threshold = opts.relevance_threshold or threshold_for(full.name)
+    if opts.dev_queries:
+        # the trainer's split: its subset (threshold 1, no caps), then its seeded draw
+        _, dev = split_dev(list(subset(full).queries), opts.dev_queries, opts.dev_seed)
+        full = dataclasses.replace(
+            full,
+            queries={q: full.queries[q] for q in dev},
+            qrels={q: full.qrels[q] for q in dev},
+        )
     data = subset(
         full,
         max_queries=opts.max_queries,

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rerankd.eval.beir import BeirDataset, load_dataset, load_run, subset
+from rerankd.eval.beir import BeirDataset, load_dataset, load_run, split_dev, subset
 
 #: Splits that hold evaluation judgments; `rerankd train` refuses them.
 EVALUATION_SPLITS = frozenset({"test"})
@@ -385,19 +385,6 @@ class TrainingData:
             "train_positive_found_by_miner": found / max(len(judged), 1),
             "teacher_score_queries": len(self.teacher) if self.teacher else 0,
         }
-
-
-def split_dev(qids: Sequence[str], dev: int, seed: int) -> tuple[list[str], list[str]]:
-    """(train, dev): `dev` queries drawn with the seed, both kept in their original order.
-
-    `dev` may not take every query: a run with nothing to train on is a mistake.
-    """
-    if dev < 0:
-        raise ValueError(f"dev queries must be >= 0, got {dev}")
-    if dev and dev >= len(qids):
-        raise ValueError(f"{dev} dev queries leave none of the {len(qids)} to train on")
-    chosen = set(random.Random(f"{seed}:dev").sample(list(qids), dev)) if dev else set()
-    return [q for q in qids if q not in chosen], [q for q in qids if q in chosen]
 
 
 def read_titles(folder: Path) -> dict[str, tuple[str, str]]:
