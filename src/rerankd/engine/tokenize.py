@@ -1,8 +1,14 @@
 """Pair encoding for cross-encoders: the query once, each document truncated on its side only.
 
 The query is tokenized once per request and reused for every document; documents are
-tokenized in one batch call (Rust, parallel, GIL released). Only the document side is
-cut to fit `max_length`; a query too long to leave room is cut to half of it.
+tokenized in one batch call (Rust, parallel, GIL released; without character offsets, which
+nothing here reads). Only the document side is cut to fit `max_length`; a query too long to
+leave room is cut to half of it.
+
+Pairs are assembled with numpy from the post-processor's layout (special tokens before the
+query, between query and document, after the document), learned once per tokenizer and kept
+only if it reproduces `Tokenizer.post_process` exactly; any other post-processor goes through
+`post_process` pair by pair.
 """
 
 from __future__ import annotations
@@ -80,6 +86,10 @@ class PairEncoder:
         self.special_tokens = tokenizer.num_special_tokens_to_add(is_pair=True)
         if model_max_length <= self.special_tokens + 2:
             raise ModelLoadError(f"model max length {model_max_length} leaves no room for text")
+        # Same ids as encode_batch, minus the character offsets (tokenizers >= 0.20).
+        self._encode_batch = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
+        # The post-processor's layout, learned once; None = post_process every pair.
+        self.template = _learn_template(tokenizer)
 
     def encode(
         self,
@@ -103,13 +113,21 @@ class PairEncoder:
             q.truncate(query_room)
         doc_room = max_length - self.special_tokens - len(q.ids)
         overlap = min(max(overlap, 0), doc_room // 2)
-        docs = self.tokenizer.encode_batch(documents, add_special_tokens=False)
+        docs = self._encode_batch(documents, add_special_tokens=False)
         pairs: list[EncodedPair] = []
         owners: list[int] = []
-        for i, d in enumerate(docs):
-            for part in self._parts(d, doc_room, windows, overlap, max_doc_tokens):
-                pairs.append(self._pair(q, part))
-                owners.append(i)
+        if self.template is not None and doc_room > 0 and max_doc_tokens >= 0:
+            build = _PairBuilder(self.template, q.ids, doc_room, self.zero_token_types)
+            for i, d in enumerate(docs):
+                ids = np.asarray(d.ids, dtype=np.int64)
+                for start, stop in _spans(len(ids), doc_room, windows, overlap, max_doc_tokens):
+                    pairs.append(build.pair(ids[start:stop]))
+                    owners.append(i)
+        else:
+            for i, d in enumerate(docs):
+                for part in self._parts(d, doc_room, windows, overlap, max_doc_tokens):
+                    pairs.append(_post_processed(self.tokenizer, q, part, self.zero_token_types))
+                    owners.append(i)
         return EncodedRequest(pairs, owners, len(documents))
 
     @staticmethod
@@ -121,16 +139,149 @@ class PairEncoder:
         d.truncate(doc_room, stride=overlap if windows else 0)
         return [d, *d.overflowing] if windows else [d]
 
-    def _pair(self, q: Encoding, d: Encoding) -> EncodedPair:
-        enc = self.tokenizer.post_process(q, d, add_special_tokens=True)
-        ids = np.asarray(enc.ids, dtype=np.int64)
-        protected = np.asarray([s != 1 for s in enc.sequence_ids], dtype=bool)
-        types = (
-            np.zeros_like(ids)
-            if self.zero_token_types
-            else np.asarray(enc.type_ids, dtype=np.int64)
-        )
+
+def _spans(n: int, room: int, windows: bool, overlap: int, cap: int) -> list[tuple[int, int]]:
+    """[start, stop) of each part of an `n`-token document, cut as `PairEncoder._parts` cuts.
+
+    Mirrors `Encoding.truncate(room, stride=overlap)`: parts of `room` tokens starting every
+    `room - overlap` tokens, up to the first part that reaches the end. Needs room > overlap.
+    """
+    if cap and n > cap:
+        n = cap  # the tail past the cap is dropped, not windowed
+    if n <= room:
+        return [(0, n)]
+    if not windows:
+        return [(0, room)]
+    step = room - overlap
+    spans = []
+    start = 0
+    while True:
+        stop = min(start + room, n)
+        spans.append((start, stop))
+        if stop == n:
+            return spans
+        start += step
+
+
+def _post_processed(
+    tokenizer: Tokenizer, q: Encoding, d: Encoding, zero_types: bool
+) -> EncodedPair:
+    """The generic pair: whatever the tokenizer's post-processor makes of (q, d)."""
+    enc = tokenizer.post_process(q, d, add_special_tokens=True)
+    ids = np.asarray(enc.ids, dtype=np.int64)
+    protected = np.asarray([s != 1 for s in enc.sequence_ids], dtype=bool)
+    types = np.zeros_like(ids) if zero_types else np.asarray(enc.type_ids, dtype=np.int64)
+    return EncodedPair(ids, types, protected)
+
+
+@dataclass(frozen=True)
+class _PairTemplate:
+    """A pair post-processor's layout: `pre A mid B post`, each special run with its types."""
+
+    pre: np.ndarray
+    pre_types: np.ndarray
+    a_type: int
+    mid: np.ndarray
+    mid_types: np.ndarray
+    b_type: int
+    post: np.ndarray
+    post_types: np.ndarray
+
+
+class _PairBuilder:
+    """Pairs of one query with document slices of at most `room` tokens, by concatenation."""
+
+    def __init__(self, t: _PairTemplate, q_ids: list[int], room: int, zero_types: bool) -> None:
+        q = np.asarray(q_ids, dtype=np.int64)
+        self.head = np.concatenate((t.pre, q, t.mid))
+        self.post = t.post
+        self.zero_types = zero_types
+        a_types = np.full(len(q), t.a_type, dtype=np.int64)
+        self.head_types = np.concatenate((t.pre_types, a_types, t.mid_types))
+        self.doc_types = np.full(room, t.b_type, dtype=np.int64)
+        self.post_types = t.post_types
+        # protected: special tokens and the query, not the document
+        self.head_kept = np.ones(len(self.head), dtype=bool)
+        self.doc_kept = np.zeros(room, dtype=bool)
+        self.post_kept = np.ones(len(self.post), dtype=bool)
+
+    def pair(self, doc: np.ndarray) -> EncodedPair:
+        n = len(doc)
+        ids = np.concatenate((self.head, doc, self.post))
+        if self.zero_types:
+            types = np.zeros(len(ids), dtype=np.int64)
+        else:
+            types = np.concatenate((self.head_types, self.doc_types[:n], self.post_types))
+        protected = np.concatenate((self.head_kept, self.doc_kept[:n], self.post_kept))
         return EncodedPair(ids, types, protected)
+
+
+# Probe pairs for learning a template: plain words any vocabulary tokenizes (unknown tokens
+# count too), cut to these (query, document) lengths, empty sides included.
+_PROBE_QUERY = "what is the boiling point of water"
+_PROBE_DOC = "water boils at one hundred degrees at sea level"
+_PROBE_SHAPES = ((2, 3), (1, 1), (3, 0), (0, 2), (0, 0), (4, 5))
+
+
+def _learn_template(tokenizer: Tokenizer) -> _PairTemplate | None:
+    """The layout of `tokenizer`'s pair post-processor if it is `pre A mid B post`, else None.
+
+    Read off one probe pair (special tokens are those in `special_tokens_mask`), then kept only
+    if `_PairBuilder` reproduces `post_process` exactly (ids, token types, protected mask) on
+    every probe pair.
+    """
+    if tokenizer.truncation is not None or tokenizer.padding is not None:
+        return None  # post_process would truncate or pad the pair too
+    try:
+        return _read_template(tokenizer)
+    except Exception:  # a post-processor that balks at a probe: keep the generic path
+        return None
+
+
+def _read_template(tokenizer: Tokenizer) -> _PairTemplate | None:
+    probes = []
+    for qn, dn in _PROBE_SHAPES:
+        q = tokenizer.encode(_PROBE_QUERY, add_special_tokens=False)
+        d = tokenizer.encode(_PROBE_DOC, add_special_tokens=False)
+        if len(q.ids) < qn or len(d.ids) < dn:
+            return None
+        q.truncate(qn)
+        d.truncate(dn)
+        probes.append((q, d))
+    q, d = probes[0]
+    enc = tokenizer.post_process(q, d, add_special_tokens=True)
+    text = [i for i, special in enumerate(enc.special_tokens_mask) if not special]
+    qn, dn = len(q.ids), len(d.ids)
+    if len(text) != qn + dn:
+        return None
+    a0, a1, b0, b1 = text[0], text[qn - 1] + 1, text[qn], text[-1] + 1
+    if a1 - a0 != qn or b1 - b0 != dn:
+        return None  # a side is not one contiguous run
+    ids = np.asarray(enc.ids, dtype=np.int64)
+    types = np.asarray(enc.type_ids, dtype=np.int64)
+    if len(set(types[a0:a1].tolist())) != 1 or len(set(types[b0:b1].tolist())) != 1:
+        return None
+    t = _PairTemplate(
+        ids[:a0], types[:a0], int(types[a0]),
+        ids[a1:b0], types[a1:b0], int(types[b0]),
+        ids[b1:], types[b1:],
+    )  # fmt: skip
+    if len(t.pre) + len(t.mid) + len(t.post) != tokenizer.num_special_tokens_to_add(True):
+        return None
+    room = max(dn for _, dn in _PROBE_SHAPES)
+    for q, d in probes:
+        want = _post_processed(tokenizer, q, d, zero_types=False)
+        got = _PairBuilder(t, q.ids, room, zero_types=False).pair(np.asarray(d.ids, np.int64))
+        if not all(
+            np.array_equal(a, b)
+            for a, b in (
+                (got.input_ids, want.input_ids),
+                (got.token_type_ids, want.token_type_ids),
+                (got.protected, want.protected),
+            )
+        ):
+            return None
+    return t
 
 
 def collate(
