@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast lint proto proto-check bench clean
+.PHONY: setup demo test test-fast lint proto proto-check bench bench-curve models clean
 
 setup: $(STAMP)
 
@@ -31,6 +31,14 @@ proto-check: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/rerank_throughput.py
+
+bench-curve: $(STAMP)
+	$(PY) bench/matryoshka_curve.py
+
+# The recipe behind the shipped rerankers (hours on 2 cores): train, fit fusion, publish,
+# evaluate, write the model cards. Stages: --stages teacher,student,fusion,publish,eval,card
+models: $(STAMP)
+	$(PY) scripts/build_models.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

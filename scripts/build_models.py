@@ -8,7 +8,11 @@ Stages (each prints and runs documented `rerankd` commands; outputs under --buil
 1. `teacher`: `rerankd-minilm-l6`: all-MiniLM-L6-v2 as a cross-encoder, Matryoshka cascaded
    self-distillation on SciFact *train* (BM25 hard negatives; the full depth learns the
    labels, every depth k learns from depth k+1 through its own head).
-2. `student`: `rerankd-tiny-l2`: layers 1 and 6 of the teacher, distilled from its scores.
+2. `student`: `rerankd-tiny-l2`: the teacher's first two layers with its depth-2 head
+   (`rerankd.train.modeling.extract_depth`). Cascaded self-distillation trained exactly
+   this sub-network to follow the deeper ones, so it is a student distilled from the
+   teacher at no extra training cost. (`rerankd distill --teacher` is the separate
+   Jina-style recipe, for students that are not a prefix of the teacher.)
 3. `fusion`: each model reranks the hybrid top-100 of the 60 train queries the trainer held
    apart (`rerankd eval --split train --dev-queries 60`), and `rerankd fit-fusion` fits its
    fusion with the first stage on them. Test qrels are never used for training or fitting.
@@ -27,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -54,13 +59,11 @@ TEACHER = [
     "distill", "--matryoshka", "--model", BASE, "--epochs", "3", "--lr", "4e-5",
     "--max-steps", "645",
 ]  # fmt: skip
-STUDENT = [
-    "distill", "--student-layers", "2", "--epochs", "2", "--lr", "1e-4", "--max-steps", "430",
-]  # fmt: skip
-# name -> (training folder under --build, training command, depths to evaluate)
-RECIPES: dict[str, tuple[str, list[str], list[int]]] = {
-    "rerankd-minilm-l6": ("minilm-l6", TEACHER, [2, 4]),
-    "rerankd-tiny-l2": ("tiny-l2", STUDENT, []),
+STUDENT_DEPTH = 2
+# name -> (folder under --build, how it is made, depths to evaluate)
+RECIPES: dict[str, tuple[str, str, list[int]]] = {
+    "rerankd-minilm-l6": ("minilm-l6", "teacher", [2, 4]),
+    "rerankd-tiny-l2": ("tiny-l2", "student", [1]),
 }
 
 
@@ -73,11 +76,18 @@ def run(args: list[str]) -> None:
 
 
 def train(build: Path, name: str, data: Path) -> None:
-    folder, recipe, _ = RECIPES[name]
-    extra = ["--teacher", str(build / RECIPES["rerankd-minilm-l6"][0])] if recipe is STUDENT else []
-    out = build / folder
+    out = build / RECIPES[name][0]
     resume = ["--resume"] if (out / "trainer_state.json").exists() else []
-    run([*recipe, *extra, "--dataset", str(data / "scifact"), *COMMON, "--out", str(out), *resume])
+    run([*TEACHER, "--dataset", str(data / "scifact"), *COMMON, "--out", str(out), *resume])
+
+
+def student(build: Path, name: str) -> None:
+    from rerankd.train.modeling import extract_depth
+
+    teacher = build / RECIPES["rerankd-minilm-l6"][0]
+    dst = extract_depth(teacher, STUDENT_DEPTH, build / RECIPES[name][0])
+    shutil.copyfile(teacher / "train_log.jsonl", dst / "train_log.jsonl")
+    print(f"extracted depth {STUDENT_DEPTH} of {teacher} -> {dst}")
 
 
 def fit_fusion(build: Path, name: str, data: Path) -> None:
@@ -151,6 +161,15 @@ def card(build: Path, name: str) -> str:
         f"{SEED}.",
         "",
         "## Training",
+        *(
+            [
+                f"- this model is the first {STUDENT_DEPTH} layers of rerankd-minilm-l6 with its "
+                f"depth-{STUDENT_DEPTH} head: cascaded self-distillation trained that "
+                "sub-network to follow the deeper ones (the run below is the teacher's)"
+            ]
+            if RECIPES[name][1] == "student"
+            else []
+        ),
         f"- base: {start['model'].get('init')} ({start['model'].get('layers')} layers x "
         f"{start['model'].get('hidden')}); mode `{start['config']['mode']}`",
         f"- data: SciFact train, {start['data']['train_queries']} queries, "
@@ -246,9 +265,12 @@ def main() -> int:
             continue
         for name in names:
             print(f"== {stage}: {name}", flush=True)
-            if stage in ("teacher", "student"):
-                if (stage == "teacher") == (RECIPES[name][1] is TEACHER):
-                    train(ns.build, name, ns.data)
+            if stage != RECIPES[name][1] and stage in ("teacher", "student"):
+                continue
+            if stage == "teacher":
+                train(ns.build, name, ns.data)
+            elif stage == "student":
+                student(ns.build, name)
             elif stage == "fusion":
                 fit_fusion(ns.build, name, ns.data)
             elif stage == "publish":

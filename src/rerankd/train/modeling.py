@@ -340,3 +340,48 @@ def student_from_teacher(teacher: Path, layers: Sequence[int], dst: Path) -> Pat
             shutil.copyfile(teacher / name, dst / name)
     write_json(dst / "rerankd.json", {"student_of": str(teacher), "teacher_layers": list(layers)})
     return dst
+
+
+def extract_depth(model: Path, depth: int, dst: Path) -> Path:
+    """The first `depth` layers of a Matryoshka checkpoint as a model of its own.
+
+    Its head is the checkpoint's head for that depth (`classifier_depth{depth}`), so the
+    extracted model scores exactly as the full checkpoint does at `depth` (the per-depth
+    heads below it are kept too). After cascaded self-distillation this *is* a student
+    distilled from the full model, at no extra training cost.
+    """
+    cfg = ModelConfig.from_file(model / "config.json")
+    base, heads = split_depth_heads(read_weights(model))
+    head = f"classifier_depth{depth}"
+    if depth == cfg.num_layers or f"{head}.weight" not in heads:
+        raise ValueError(
+            f"{model} has no head for depth {depth} (per-depth heads: {head_depths(heads)})"
+        )
+    out: dict[str, torch.Tensor] = {}
+    for name, t in base.items():
+        m = _LAYER_NAME.match(name)
+        if m is None or int(m.group(2)) < depth:
+            out[name] = t
+    out["classifier.weight"] = heads[f"{head}.weight"]
+    out["classifier.bias"] = heads[f"{head}.bias"]
+    for k in head_depths(heads):
+        if k < depth:
+            out[f"classifier_depth{k}.weight"] = heads[f"classifier_depth{k}.weight"]
+            out[f"classifier_depth{k}.bias"] = heads[f"classifier_depth{k}.bias"]
+    dst.mkdir(parents=True, exist_ok=True)
+    save_safetensors(dst / "model.safetensors", {k: v.contiguous() for k, v in out.items()}, {})
+    raw = json.loads((model / "config.json").read_text())
+    raw["num_hidden_layers"] = depth
+    write_json(dst / "config.json", raw)
+    for name in TOKENIZER_FILES:
+        if (model / name).exists():
+            shutil.copyfile(model / name, dst / name)
+    meta = (
+        json.loads((model / "rerankd.json").read_text())
+        if (model / "rerankd.json").exists()
+        else {}
+    )
+    write_json(
+        dst / "rerankd.json", {"extracted_from": str(model), "depth": depth, "source_meta": meta}
+    )
+    return dst

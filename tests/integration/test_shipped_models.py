@@ -1,0 +1,62 @@
+"""rerankd's shipped rerankers: they load by name, rank a relevant passage first, and read
+long documents whole (a passage past token 512 counts with long_docs="max")."""
+
+from __future__ import annotations
+
+import pytest
+
+from rerankd.engine.factory import load_reranker
+from rerankd.engine.shipped import DEFAULT_RERANKER, SHIPPED
+from rerankd.types import Document, LongDocs, RerankOptions
+
+QUERY = "Vitamin B12 deficiency increases blood levels of homocysteine."
+PASSAGE = (
+    "In a cohort of 1,200 adults, low serum vitamin B12 (cobalamin) was associated with "
+    "elevated plasma homocysteine concentrations, and homocysteine fell after B12 "
+    "supplementation, showing that B12 deficiency raises homocysteine levels."
+)
+OTHERS = [
+    "Magnetic nanoparticles and quantum dots can label stem cells and track them in vivo.",
+    "A survey of archived appendix samples estimated the prevalence of abnormal prion protein.",
+    "Childhood underweight fell in most regions of the world between 1990 and 2015.",
+    "Rare genetic variants can create synthetic genome-wide associations with common traits.",
+    "Bread rises because yeast ferments sugars and releases carbon dioxide into the dough.",
+]
+# Off-topic filler, long enough to push the passage past token 512.
+FILLER = " ".join(
+    f"Section {i}: the railway line was extended across the valley in stages, with new "
+    "stations, bridges and signal boxes built by local contractors over several years."
+    for i in range(30)
+)
+
+
+@pytest.fixture(scope="module", params=SHIPPED)
+def reranker(request):
+    model = load_reranker(request.param, backend="torch")
+    yield model
+    model.close()
+
+
+def test_the_default_is_the_matryoshka_minilm() -> None:
+    from rerankd.server.config import DEFAULT_MODEL
+
+    assert DEFAULT_MODEL == DEFAULT_RERANKER == "rerankd-minilm-l6"
+
+
+def test_a_relevant_passage_ranks_first(reranker) -> None:
+    docs = [Document(f"o{i}", t) for i, t in enumerate(OTHERS)] + [Document("rel", PASSAGE)]
+    resp = reranker.rerank(QUERY, docs)
+    assert resp.results[0].id == "rel", [(r.id, round(r.score, 3)) for r in resp.results]
+
+
+def test_a_passage_past_token_512_counts_only_when_read_whole(reranker) -> None:
+    long_doc = f"{FILLER} {PASSAGE}"
+    tok = reranker.encoder.tokenizer
+    filler_tokens = len(tok.encode(FILLER, add_special_tokens=False).ids)
+    assert filler_tokens > 512  # the passage starts past token 512
+    docs = [Document(f"o{i}", t) for i, t in enumerate(OTHERS)] + [Document("long", long_doc)]
+    whole = reranker.rerank(QUERY, docs, options=RerankOptions(long_docs=LongDocs.MAX))
+    first = reranker.rerank(QUERY, docs, options=RerankOptions(long_docs=LongDocs.TRUNCATE))
+    assert whole.results[0].id == "long", [(r.id, round(r.score, 3)) for r in whole.results]
+    assert first.results[0].id != "long", [(r.id, round(r.score, 3)) for r in first.results]
+    assert whole.tokens > first.tokens

@@ -1,0 +1,48 @@
+"""A Matryoshka checkpoint's first k layers, extracted, score as the checkpoint at depth k."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from rerankd.engine.loading import load_cross_encoder
+from rerankd.train.modeling import extract_depth
+from tests.helpers import write_tiny_checkpoint
+
+
+def _matryoshka(folder: Path) -> Path:
+    write_tiny_checkpoint(folder, layers=3, hidden=32, heads=2)
+    weights = load_file(str(folder / "model.safetensors"))
+    gen = torch.Generator().manual_seed(1)
+    for k in (1, 2):
+        weights[f"classifier_depth{k}.weight"] = torch.randn(1, 32, generator=gen)
+        weights[f"classifier_depth{k}.bias"] = torch.randn(1, generator=gen)
+    save_file(weights, str(folder / "model.safetensors"))
+    return folder
+
+
+def test_extracted_depth_scores_like_the_checkpoint_at_that_depth(tmp_path: Path) -> None:
+    src = _matryoshka(tmp_path / "m")
+    dst = extract_depth(src, 2, tmp_path / "d2")
+    full, small = load_cross_encoder(src), load_cross_encoder(dst)
+    assert small.config.num_layers == 2
+    ids = torch.randint(1000, 3000, (4, 17))
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0
+    types = torch.zeros_like(ids)
+    with torch.no_grad():
+        want = full(ids, mask, types, depth=2)
+        got = small(ids, mask, types)
+        want1 = full(ids, mask, types, depth=1)
+        got1 = small(ids, mask, types, depth=1)
+    assert torch.allclose(want, got, atol=1e-6)
+    assert torch.allclose(want1, got1, atol=1e-6)  # the lower depth head is kept
+
+
+def test_extract_needs_a_head_for_that_depth(tmp_path: Path) -> None:
+    src = _matryoshka(tmp_path / "m")
+    with pytest.raises(ValueError, match="no head for depth 3"):
+        extract_depth(src, 3, tmp_path / "d3")
