@@ -7,12 +7,13 @@ Stages (each prints and runs documented `rerankd` commands; outputs under --buil
 
 1. `teacher`: `rerankd-minilm-l6`: all-MiniLM-L6-v2 as a cross-encoder, Matryoshka cascaded
    self-distillation on SciFact *train* (BM25 hard negatives; the full depth learns the
-   labels, every depth k learns from depth k+1 through its own head).
-2. `student`: `rerankd-tiny-l2`: the teacher's first two layers with its depth-2 head
-   (`rerankd.train.modeling.extract_depth`). Cascaded self-distillation trained exactly
-   this sub-network to follow the deeper ones, so it is a student distilled from the
-   teacher at no extra training cost. (`rerankd distill --teacher` is the separate
-   Jina-style recipe, for students that are not a prefix of the teacher.)
+   labels, every depth k learns from depth k+1 through its own head). Two phases: one
+   epoch of the pure cascade, then one with label CE at every depth as well (after the
+   first epoch the full depth was good and depths 1-3 were still at their untrained
+   level: the cascade alone reaches the shallow heads too slowly for a 2-core budget).
+2. `student`: `rerankd-tiny-l2`: the Jina-tiny recipe: layers 1 and 6 of the teacher,
+   trained on the teacher's scores (KL) and the labels. (The teacher's own depth-2 head was
+   far weaker after this short training: see its card; `extract_depth` would ship it.)
 3. `fusion`: each model reranks the hybrid top-100 of the 60 train queries the trainer held
    apart (`rerankd eval --split train --dev-queries 60`), and `rerankd fit-fusion` fits its
    fusion with the first stage on them. Test qrels are never used for training or fitting.
@@ -31,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import shutil
 import subprocess
 import sys
 import time
@@ -55,15 +55,22 @@ COMMON = [
     "--max-length", "192", "--bf16", "--freeze-embeddings", "--seed", str(SEED),
     "--threads", "2", "--no-progress",
 ]  # fmt: skip
-TEACHER = [
+PHASE1 = [
     "distill", "--matryoshka", "--model", BASE, "--epochs", "3", "--lr", "4e-5",
-    "--max-steps", "645",
+    "--max-steps", "215",
 ]  # fmt: skip
-STUDENT_DEPTH = 2
+PHASE2 = [
+    "distill", "--matryoshka", "--depth-ce-weight", "1.0", "--epochs", "1", "--lr", "2e-5",
+    "--warmup", "0.05", "--max-steps", "122",
+]  # fmt: skip
+STUDENT = [
+    "distill", "--student-layers", "2", "--epochs", "1", "--lr", "1e-4", "--ce-weight", "1.0",
+    "--distill-weight", "1.0", "--max-steps", "STUDENT_STEPS",
+]  # fmt: skip
 # name -> (folder under --build, how it is made, depths to evaluate)
 RECIPES: dict[str, tuple[str, str, list[int]]] = {
     "rerankd-minilm-l6": ("minilm-l6", "teacher", [2, 4]),
-    "rerankd-tiny-l2": ("tiny-l2", "student", [1]),
+    "rerankd-tiny-l2": ("tiny-l2", "student", []),
 }
 
 
@@ -77,17 +84,19 @@ def run(args: list[str]) -> None:
 
 def train(build: Path, name: str, data: Path) -> None:
     out = build / RECIPES[name][0]
-    resume = ["--resume"] if (out / "trainer_state.json").exists() else []
-    run([*TEACHER, "--dataset", str(data / "scifact"), *COMMON, "--out", str(out), *resume])
+    phase1 = out.with_name(out.name + "-phase1")
+    for recipe, dst, init in ((PHASE1, phase1, []), (PHASE2, out, ["--model", str(phase1)])):
+        resume = ["--resume"] if (dst / "trainer_state.json").exists() else []
+        ds = ["--dataset", str(data / "scifact")]
+        run([*recipe, *init, *ds, *COMMON, "--out", str(dst), *resume])
 
 
-def student(build: Path, name: str) -> None:
-    from rerankd.train.modeling import extract_depth
-
+def student(build: Path, name: str, data: Path) -> None:
     teacher = build / RECIPES["rerankd-minilm-l6"][0]
-    dst = extract_depth(teacher, STUDENT_DEPTH, build / RECIPES[name][0])
-    shutil.copyfile(teacher / "train_log.jsonl", dst / "train_log.jsonl")
-    print(f"extracted depth {STUDENT_DEPTH} of {teacher} -> {dst}")
+    out = build / RECIPES[name][0]
+    resume = ["--resume"] if (out / "trainer_state.json").exists() else []
+    ds = ["--dataset", str(data / "scifact")]
+    run([*STUDENT, "--teacher", str(teacher), *ds, *COMMON, "--out", str(out), *resume])
 
 
 def fit_fusion(build: Path, name: str, data: Path) -> None:
@@ -145,53 +154,61 @@ def _row(report: dict[str, Any]) -> dict[str, Any]:
     return modes.get("hybrid") or next(iter(modes.values()))
 
 
-def card(build: Path, name: str) -> str:
-    """The model card: recipe, data, seed, time, and every measured figure (good or bad)."""
-    folder = build / RECIPES[name][0]
+def _phase_lines(folder: Path, label: str) -> list[str]:
+    """One training run's log as card lines: its settings, dev figures over time, stop."""
+    from datetime import datetime
+
     log = [json.loads(x) for x in (folder / "train_log.jsonl").read_text().splitlines()]
     start = next(e for e in log if e.get("event") == "start")
-    epochs = [e for e in log if e.get("event") == "epoch"]
     stops = [e for e in log if e.get("event") == "stop"]
+    minutes = (
+        datetime.fromisoformat(log[-1]["time"]) - datetime.fromisoformat(start["time"])
+    ).total_seconds() / 60
+    cfg = start["config"]
+    lines = [
+        f"- {label}: `{cfg['mode']}` from {start['model'].get('init')} "
+        f"({start['model'].get('layers')} layers x {start['model'].get('hidden')}), "
+        f"{log[-1].get('step', '?')} steps in {minutes:.0f} min on 2 cores "
+        f"(stopped: {stops[-1]['reason'] if stops else 'end of the last epoch'})",
+        f"  - data: {start['data']['name']} {start['data']['split']}, "
+        f"{start['data']['train_queries']} queries, {start['data']['groups_per_epoch']} groups "
+        f"per epoch, {cfg['miner']} hard negatives from the top {cfg['depth']}; "
+        f"{start['data']['dev_queries']} train queries held apart (dev, fusion)",
+        f"  - settings: {json.dumps(cfg, sort_keys=True)}",
+    ]
+    for e in log:
+        if "dev" not in e or "model" not in e["dev"]:
+            continue
+        dev = e["dev"]["model"]
+        loss = f", train loss {e['loss']:.3f}" if "loss" in e else ""
+        lines.append(
+            f"  - step {e['step']} (epoch {e['epoch']:.2f}{loss}): dev NDCG@10 full "
+            f"{dev['ndcg@10']:.3f}"
+            + "".join(f", {k} {v['ndcg@10']:.3f}" for k, v in dev.get("depths", {}).items())
+            + f" (dev first stage {e['dev']['first_stage']['ndcg@10']:.3f})"
+            * ("first_stage" in e["dev"])
+        )
+    return lines
+
+
+def card(build: Path, name: str) -> str:
+    """The model card: recipe, data, seed, time, and every measured figure (good or bad)."""
+    teacher = build / RECIPES["rerankd-minilm-l6"][0]
     fusion = json.loads((MODELS / name / "fusion.json").read_text())
     lines = [
         f"# {name}",
         "",
         "A cross-encoder reranker trained by rerankd on this repository's offline data "
         "(2 CPU cores). Recipe: `python scripts/build_models.py` (`make models`), seed "
-        f"{SEED}.",
+        f"{SEED}. Never trained or fitted on test qrels or on TREC DL 2019.",
         "",
         "## Training",
-        *(
-            [
-                f"- this model is the first {STUDENT_DEPTH} layers of rerankd-minilm-l6 with its "
-                f"depth-{STUDENT_DEPTH} head: cascaded self-distillation trained that "
-                "sub-network to follow the deeper ones (the run below is the teacher's)"
-            ]
-            if RECIPES[name][1] == "student"
-            else []
-        ),
-        f"- base: {start['model'].get('init')} ({start['model'].get('layers')} layers x "
-        f"{start['model'].get('hidden')}); mode `{start['config']['mode']}`",
-        f"- data: SciFact train, {start['data']['train_queries']} queries, "
-        f"{start['data']['groups_per_epoch']} groups per epoch, BM25 hard negatives "
-        f"(top {start['config']['depth']}); {start['data']['dev_queries']} train queries "
-        "held apart for dev and fusion. No test qrels, no DL19 data.",
-        f"- hyper-parameters: {json.dumps(start['config'], sort_keys=True)}",
     ]
-    if epochs:
-        e = epochs[-1]
-        lines.append(
-            f"- {e['step']} steps, {e['epoch']} epochs, {e['elapsed_s'] / 60:.0f} min of "
-            f"training on 2 cores (final train loss {e['loss']:.3f}); "
-            f"stopped: {stops[-1]['reason'] if stops else 'after the last epoch'}"
-        )
-        for ep in epochs:
-            dev = ep["dev"]["model"]
-            lines.append(
-                f"  - epoch {ep['epoch']}: loss {ep['loss']:.3f}, dev NDCG@10 "
-                f"{dev['ndcg@10']:.3f}"
-                + "".join(f", {k} {v['ndcg@10']:.3f}" for k, v in dev.get("depths", {}).items())
-            )
+    if RECIPES[name][1] == "student":
+        lines += _phase_lines(build / RECIPES[name][0], "student (from rerankd-minilm-l6)")
+        lines.append("- the teacher, rerankd-minilm-l6, was trained as follows:")
+    lines += _phase_lines(teacher.with_name(teacher.name + "-phase1"), "phase 1")
+    lines += _phase_lines(teacher, "phase 2")
     lines += [
         "",
         "## Fusion with the first stage (`fusion.json`)",
@@ -270,7 +287,7 @@ def main() -> int:
             if stage == "teacher":
                 train(ns.build, name, ns.data)
             elif stage == "student":
-                student(ns.build, name)
+                student(ns.build, name, ns.data)
             elif stage == "fusion":
                 fit_fusion(ns.build, name, ns.data)
             elif stage == "publish":

@@ -16,12 +16,12 @@ import hashlib
 import json
 import shutil
 from pathlib import Path
-from typing import Any
-
-import torch
-from safetensors.torch import load_file, save_file
+from typing import TYPE_CHECKING, Any
 
 from rerankd.errors import ModelLoadError
+
+if TYPE_CHECKING:  # torch is imported where tensors are touched: naming models stays light
+    import torch
 
 #: The shipped rerankers, by the name `--model` accepts.
 SHIPPED = ("rerankd-minilm-l6", "rerankd-tiny-l2")
@@ -60,6 +60,8 @@ def shipped_dir(name: str) -> Path:
 
 def tensor_sha256(t: torch.Tensor) -> str:
     """SHA-256 of a tensor's dtype, shape and bytes (row-major)."""
+    import torch
+
     h = hashlib.sha256(f"{t.dtype}|{tuple(t.shape)}|".encode())
     h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
@@ -81,6 +83,8 @@ def external_tensors(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def _read_external(folder: Path, name: str, ref: dict[str, Any]) -> torch.Tensor:
+    from safetensors.torch import load_file
+
     from rerankd.engine.bundled import PREFIX, backbone_dir
 
     source = str(ref.get("source", ""))
@@ -115,6 +119,9 @@ def publish(
     `external` maps a tensor of the trained model to (`bundled:` source, tensor name there);
     each must equal the trained tensor exactly (a frozen table), or this refuses.
     """
+    import torch
+    from safetensors.torch import load_file, save_file
+
     dst = (dst_root or _MODELS_DIR) / name
     weights = load_file(str(trained / "model.safetensors"))
     refs: dict[str, dict[str, str]] = {}

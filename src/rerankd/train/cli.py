@@ -160,6 +160,12 @@ def distill_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="cross-encoder (or backbone) to train with --matryoshka")
     p.add_argument("--cascade-loss", choices=DISTILL_LOSSES, default="kl")
     p.add_argument("--cascade-weight", type=float, default=1.0)
+    p.add_argument(
+        "--depth-ce-weight",
+        type=float,
+        default=0.0,
+        help="also listwise CE on the labels at every sub-depth (0 = pure cascade)",
+    )
     _common(p, lr=1e-4, ce_weight=0.0)
     return p
 
@@ -220,6 +226,7 @@ def main_distill(argv: Sequence[str]) -> int:
             mode="matryoshka",
             cascade_loss=ns.cascade_loss,
             cascade_weight=ns.cascade_weight,
+            depth_ce_weight=ns.depth_ce_weight,
             **kwargs,
         )
     else:
