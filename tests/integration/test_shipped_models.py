@@ -15,13 +15,17 @@ PASSAGE = (
     "elevated plasma homocysteine concentrations, and homocysteine fell after B12 "
     "supplementation, showing that B12 deficiency raises homocysteine levels."
 )
+# Near misses: on topic, but none says that B12 deficiency raises homocysteine.
 OTHERS = [
-    "Magnetic nanoparticles and quantum dots can label stem cells and track them in vivo.",
-    "A survey of archived appendix samples estimated the prevalence of abnormal prion protein.",
-    "Childhood underweight fell in most regions of the world between 1990 and 2015.",
-    "Rare genetic variants can create synthetic genome-wide associations with common traits.",
-    "Bread rises because yeast ferments sugars and releases carbon dioxide into the dough.",
+    "Vitamin B12 deficiency causes anemia and neurological symptoms in older adults.",
+    "Elevated plasma homocysteine is a risk factor for cardiovascular disease and stroke.",
+    "Folic acid supplementation lowers plasma homocysteine in patients with coronary disease.",
+    "Serum vitamin B12 levels were measured in 500 elderly patients with cognitive decline.",
+    "Homocysteine levels rise with age and with impaired kidney function.",
 ]
+# Windows of 256 tokens: the model was trained on 192-token pairs, and a 512-token window
+# that is almost all filler dilutes the one relevant passage below the near misses.
+WINDOWED = 256
 # Off-topic filler, long enough to push the passage past token 512.
 FILLER = " ".join(
     f"Section {i}: the railway line was extended across the valley in stages, with new "
@@ -55,8 +59,12 @@ def test_a_passage_past_token_512_counts_only_when_read_whole(reranker) -> None:
     filler_tokens = len(tok.encode(FILLER, add_special_tokens=False).ids)
     assert filler_tokens > 512  # the passage starts past token 512
     docs = [Document(f"o{i}", t) for i, t in enumerate(OTHERS)] + [Document("long", long_doc)]
-    whole = reranker.rerank(QUERY, docs, options=RerankOptions(long_docs=LongDocs.MAX))
-    first = reranker.rerank(QUERY, docs, options=RerankOptions(long_docs=LongDocs.TRUNCATE))
+    whole = reranker.rerank(
+        QUERY, docs, options=RerankOptions(long_docs=LongDocs.MAX, max_length=WINDOWED)
+    )
+    first = reranker.rerank(
+        QUERY, docs, options=RerankOptions(long_docs=LongDocs.TRUNCATE, max_length=WINDOWED)
+    )
     assert whole.results[0].id == "long", [(r.id, round(r.score, 3)) for r in whole.results]
     assert first.results[0].id != "long", [(r.id, round(r.score, 3)) for r in first.results]
     assert whole.tokens > first.tokens

@@ -34,4 +34,4 @@ def test_several_models_by_flag_or_env() -> None:
     cfg = parse_serve_args(["--name", "first"], {"RERANKD_MODEL": "/m/a, big=org/model"})
     assert model_specs(cfg) == [("first", "/m/a"), ("big", "org/model")]
     cfg = parse_serve_args([], {})
-    assert model_specs(cfg) == [(None, "bundled:all-minilm-l6-v2")]
+    assert model_specs(cfg) == [(None, "rerankd-minilm-l6")]  # the shipped default

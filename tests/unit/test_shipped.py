@@ -25,7 +25,7 @@ def published(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("shipped")
     dst = publish(
         trained,
-        "rerankd-tiny-l2",
+        "any-name",
         external={WORDS: ("bundled:splade-tiny", WORDS)},
         meta={"recipe": "test"},
         card="# test card\n",
@@ -80,7 +80,7 @@ def test_publish_refuses_a_table_that_was_trained(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError, match="SHA-256 differs"):
         publish(
             trained,
-            "rerankd-tiny-l2",
+            "any-name",
             external={WORDS: ("bundled:splade-tiny", WORDS)},
             meta={},
             card="",

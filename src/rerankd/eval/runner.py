@@ -58,6 +58,7 @@ from tqdm.auto import tqdm
 
 from rerankd.client import ModelInfo, RerankClient
 from rerankd.connectors.base import MODES, Connector
+from rerankd.engine.shipped import DEFAULT_RERANKER
 from rerankd.errors import RerankdError
 from rerankd.eval.beir import (
     BeirDataset,
@@ -72,7 +73,7 @@ from rerankd.eval.plot import have_matplotlib, plot_quality_latency
 from rerankd.eval.report import format_table, save_report, write_run_files
 
 COLLECTION = "rerankd_eval"
-DEFAULT_MODEL = "bundled:all-minilm-l6-v2"
+DEFAULT_MODEL = DEFAULT_RERANKER
 DBS = ("qdrant", "milvus")
 
 

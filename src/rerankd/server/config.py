@@ -12,7 +12,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-DEFAULT_MODEL = "bundled:all-minilm-l6-v2"
+from rerankd.engine.shipped import DEFAULT_RERANKER
+
+DEFAULT_MODEL = DEFAULT_RERANKER
 DEFAULT_DENSE = "bundled:all-minilm-l6-v2"
 DEFAULT_SPARSE = "bundled:splade-tiny"
 
@@ -40,7 +42,7 @@ FLAGS: tuple[Flag, ...] = (
         "model",
         str,
         (DEFAULT_MODEL,),
-        "cross-encoder [NAME=]folder|hub-id|bundled:NAME; repeat to serve several, first = default",
+        "cross-encoder [NAME=]rerankd-NAME|folder|hub-id|bundled:NAME; repeatable, first = default",
         repeatable=True,
     ),
     Flag("name", str, "", "name of the first model if it has no NAME= (default: last path part)"),
