@@ -9,17 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rerankd.engine.fusion import (
-    NEVER_GATE,
+from rerankd.engine.fusion import NEVER_GATE, FusionParams, agreement, fuse, rank_feature
+from rerankd.train.fusion_fit import (
     DevQuery,
-    FusionParams,
-    agreement,
     fit,
-    fuse,
-    rank_feature,
+    fit_from_files,
+    read_dev_queries,
     score_params,
 )
-from rerankd.train.fusion_fit import fit_from_files, read_dev_queries
 
 
 def test_rank_feature_is_zscored_and_decreasing() -> None:

@@ -15,15 +15,14 @@ The rule, per request (documents arrive in first-stage order, best first):
 - fused = (1 - w) * first_stage + w * model when agreement >= tau, else the first-stage
   feature alone (w = 0: the first-stage order comes back unchanged).
 
-`w` and `tau` are fitted per model on held-apart dev queries (`fit`), never on test
-queries, and stored beside the weights as `fusion.json`.
+`w` and `tau` are fitted per model on held-apart dev queries (`rerankd.train.fusion_fit`),
+never on test queries, and stored beside the weights as `fusion.json`.
 """
 
 from __future__ import annotations
 
 import json
-import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,8 +32,6 @@ import numpy as np
 FUSION_FILE = "fusion.json"
 #: tau = -1 means "never gate": a Spearman correlation is never below -1.
 NEVER_GATE = -1.0
-WEIGHT_GRID = tuple(round(x * 0.05, 2) for x in range(21))
-GATE_GRID = (NEVER_GATE, -0.2, 0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
 
 
 @dataclass(frozen=True)
@@ -105,61 +102,3 @@ def fuse(
     if w == 0.0:
         return first, 0.0
     return (1.0 - w) * first + w * _z(s), w
-
-
-@dataclass(frozen=True)
-class DevQuery:
-    """One held-apart query: candidate ids in first-stage order, their logits, judgments."""
-
-    candidates: Sequence[str]
-    model_scores: Sequence[float]
-    judgments: Mapping[str, int]
-
-
-def _ndcg10(ranking: Sequence[str], judgments: Mapping[str, int]) -> float:
-    from rerankd.eval.metrics import ndcg_at_k
-
-    return ndcg_at_k(ranking, judgments, 10)
-
-
-def score_params(queries: Sequence[DevQuery], params: FusionParams) -> float:
-    """Mean NDCG@10 of the fused rankings."""
-    total = 0.0
-    for q in queries:
-        fused, _ = fuse(q.model_scores, params)
-        order = np.argsort(-fused, kind="stable")
-        total += _ndcg10([q.candidates[i] for i in order], q.judgments)
-    return total / max(1, len(queries))
-
-
-def fit(
-    queries: Sequence[DevQuery], *, tolerance: float = 0.002, describe: dict[str, Any] | None = None
-) -> tuple[FusionParams, list[dict[str, float]]]:
-    """Grid-search (weight, gate) for the best mean dev NDCG@10; returns it and the grid.
-
-    Among settings within `tolerance` of the best, the most conservative wins (lowest
-    weight, then highest gate): dev sets are small, and the cost of trusting the model
-    too much shows up off-domain, where no dev set exists.
-    """
-    if not queries:
-        raise ValueError("fusion needs at least one dev query with judgments")
-    grid: list[dict[str, float]] = []
-    for w in WEIGHT_GRID:
-        for tau in GATE_GRID if w > 0 else (NEVER_GATE,):
-            ndcg = score_params(queries, FusionParams(w, tau))
-            grid.append({"weight": w, "gate": tau, "ndcg@10": ndcg})
-    best = max(g["ndcg@10"] for g in grid)
-    close = [g for g in grid if g["ndcg@10"] >= best - tolerance]
-    pick = min(close, key=lambda g: (g["weight"], -g["gate"]))
-    first_stage = score_params(queries, FusionParams(0.0))
-    model_only = score_params(queries, FusionParams(1.0))
-    fitted_on = {
-        **(describe or {}),
-        "queries": len(queries),
-        "dev_ndcg@10": {"first_stage": first_stage, "model": model_only, "fused": pick["ndcg@10"]},
-        "tolerance": tolerance,
-    }
-    params = FusionParams(pick["weight"], pick["gate"], fitted_on=fitted_on)
-    if math.isclose(params.weight, 0.0):
-        params = FusionParams(0.0, NEVER_GATE, fitted_on=fitted_on)
-    return params, grid

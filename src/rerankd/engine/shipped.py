@@ -85,7 +85,7 @@ def external_tensors(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def _read_external(folder: Path, name: str, ref: dict[str, Any]) -> torch.Tensor:
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
     from rerankd.engine.bundled import PREFIX, backbone_dir
 
@@ -95,10 +95,10 @@ def _read_external(folder: Path, name: str, ref: dict[str, Any]) -> torch.Tensor
             f"{folder}: tensor {name!r} refers to {source!r}; only bundled: sources"
         )
     base = backbone_dir(source[len(PREFIX) :])
-    tensors = load_file(str(base / "model.safetensors"))
-    if ref.get("tensor") not in tensors:
-        raise ModelLoadError(f"{folder}: {source} has no tensor {ref.get('tensor')!r}")
-    t = tensors[ref["tensor"]]
+    with safe_open(str(base / "model.safetensors"), framework="pt") as fh:  # just this one
+        if ref.get("tensor") not in fh.keys():  # noqa: SIM118 (safe_open has no __contains__)
+            raise ModelLoadError(f"{folder}: {source} has no tensor {ref.get('tensor')!r}")
+        t = fh.get_tensor(ref["tensor"])
     if tensor_sha256(t) != ref.get("sha256"):
         raise ModelLoadError(
             f"{folder}: {source}'s {ref['tensor']} is not the table this model was trained with "

@@ -17,13 +17,75 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from rerankd.engine.fusion import DevQuery, FusionParams, fit
+import numpy as np
+
+from rerankd.engine.fusion import NEVER_GATE, FusionParams, fuse
 from rerankd.eval.beir import load_dataset
+from rerankd.eval.metrics import ndcg_at_k
 
 FULL = "full"
+
+
+#: the fusion grid: model weight 0..1 in steps of 0.05, and the agreement gates tried
+WEIGHT_GRID = tuple(round(x * 0.05, 2) for x in range(21))
+GATE_GRID = (NEVER_GATE, -0.2, 0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
+
+
+@dataclass(frozen=True)
+class DevQuery:
+    """One held-apart query: candidate ids in first-stage order, their logits, judgments."""
+
+    candidates: Sequence[str]
+    model_scores: Sequence[float]
+    judgments: Mapping[str, int]
+
+
+def score_params(queries: Sequence[DevQuery], params: FusionParams) -> float:
+    """Mean NDCG@10 of the fused rankings."""
+    total = 0.0
+    for q in queries:
+        fused, _ = fuse(q.model_scores, params)
+        order = np.argsort(-fused, kind="stable")
+        total += ndcg_at_k([q.candidates[i] for i in order], q.judgments, 10)
+    return total / max(1, len(queries))
+
+
+def fit(
+    queries: Sequence[DevQuery], *, tolerance: float = 0.002, describe: dict[str, Any] | None = None
+) -> tuple[FusionParams, list[dict[str, float]]]:
+    """Grid-search (weight, gate) for the best mean dev NDCG@10; returns it and the grid.
+
+    Among settings within `tolerance` of the best, the most conservative wins (lowest
+    weight, then highest gate): dev sets are small, and the cost of trusting the model
+    too much shows up off-domain, where no dev set exists.
+    """
+    if not queries:
+        raise ValueError("fusion needs at least one dev query with judgments")
+    grid: list[dict[str, float]] = []
+    for w in WEIGHT_GRID:
+        for tau in GATE_GRID if w > 0 else (NEVER_GATE,):
+            ndcg = score_params(queries, FusionParams(w, tau))
+            grid.append({"weight": w, "gate": tau, "ndcg@10": ndcg})
+    best = max(g["ndcg@10"] for g in grid)
+    close = [g for g in grid if g["ndcg@10"] >= best - tolerance]
+    pick = min(close, key=lambda g: (g["weight"], -g["gate"]))
+    at = {(g["weight"], g["gate"]): g["ndcg@10"] for g in grid}
+    fitted_on = {
+        **(describe or {}),
+        "queries": len(queries),
+        "dev_ndcg@10": {
+            "first_stage": at[(0.0, NEVER_GATE)],
+            "model": at[(1.0, NEVER_GATE)],
+            "fused": pick["ndcg@10"],
+        },
+        "tolerance": tolerance,
+    }
+    return FusionParams(pick["weight"], pick["gate"], fitted_on=fitted_on), grid
 
 
 def read_dev_queries(
