@@ -49,9 +49,6 @@ DEV_QUERIES = 60
 EVAL_SETS = ("trec-dl-2019", "cisi", "cranfield", "scifact")
 #: TREC DL's standard setup: rerank the given BM25 run (its corpus is only the runs' union)
 EVAL_RUNS = {"trec-dl-2019": "bm25.top100"}
-#: the first N judged test queries of the larger sets: a 100-candidate rerank of SciFact's
-#: ~300-token abstracts at three depths costs about an hour of 2 cores for all 300 queries
-EVAL_CAPS = {"scifact": 100, "cranfield": 100}
 
 #: shared by both trainings: data, hard negatives, held-apart dev queries
 COMMON = [
@@ -155,8 +152,6 @@ def evaluate(build: Path, name: str, data: Path) -> None:
             args += ["--modes", "hybrid", "--index-dir", str(build / "index" / ds)]
         if depths:
             args += ["--depths", ",".join(map(str, depths))]
-        if ds in EVAL_CAPS:
-            args += ["--max-queries", str(EVAL_CAPS[ds])]
         run(args)
 
 
@@ -246,7 +241,7 @@ def card(build: Path, name: str) -> str:
         row = _row(json.loads(path.read_text()))
         cfgs = {c["name"]: c for c in row.get("configs", [])}
         first = row["first_stage_metrics"]["ndcg@10"]
-        ds_label = f"{ds} (first {row['queries']} queries)" if ds in EVAL_CAPS else ds
+        ds_label = f"{ds} ({row['queries']} queries)"
         if ds in EVAL_RUNS:
             ds_label = f"{ds} ({EVAL_RUNS[ds]} run)"
 

@@ -23,9 +23,6 @@ OTHERS = [
     "Serum vitamin B12 levels were measured in 500 elderly patients with cognitive decline.",
     "Homocysteine levels rise with age and with impaired kidney function.",
 ]
-# Windows of 256 tokens: the model was trained on 192-token pairs, and a 512-token window
-# that is almost all filler dilutes the one relevant passage below the near misses.
-WINDOWED = 256
 # Off-topic filler, long enough to push the passage past token 512.
 FILLER = " ".join(
     f"Section {i}: the railway line was extended across the valley in stages, with new "
@@ -59,12 +56,11 @@ def test_a_passage_past_token_512_counts_only_when_read_whole(reranker) -> None:
     filler_tokens = len(tok.encode(FILLER, add_special_tokens=False).ids)
     assert filler_tokens > 512  # the passage starts past token 512
     docs = [Document(f"o{i}", t) for i, t in enumerate(OTHERS)] + [Document("long", long_doc)]
-    whole = reranker.rerank(
-        QUERY, docs, options=RerankOptions(long_docs=LongDocs.MAX, max_length=WINDOWED)
-    )
-    first = reranker.rerank(
-        QUERY, docs, options=RerankOptions(long_docs=LongDocs.TRUNCATE, max_length=WINDOWED)
-    )
+    # the model's own default length (the 192 tokens it was trained on): a 512-token window
+    # that is almost all filler would dilute the passage below the near misses
+    assert reranker.info.default_max_length == 192
+    whole = reranker.rerank(QUERY, docs, options=RerankOptions(long_docs=LongDocs.MAX))
+    first = reranker.rerank(QUERY, docs, options=RerankOptions(long_docs=LongDocs.TRUNCATE))
     assert whole.results[0].id == "long", [(r.id, round(r.score, 3)) for r in whole.results]
     assert first.results[0].id != "long", [(r.id, round(r.score, 3)) for r in first.results]
     assert whole.tokens > first.tokens

@@ -35,3 +35,8 @@ def test_several_models_by_flag_or_env() -> None:
     assert model_specs(cfg) == [("first", "/m/a"), ("big", "org/model")]
     cfg = parse_serve_args([], {})
     assert model_specs(cfg) == [(None, "rerankd-minilm-l6")]  # the shipped default
+
+
+def test_negative_max_length_is_refused() -> None:
+    with pytest.raises(SystemExit):
+        parse_serve_args(["--max-length", "-1"], {})

@@ -13,7 +13,7 @@ from rerankd.engine.factory import load_reranker, plan
 from rerankd.engine.limits import Limits
 from rerankd.engine.loading import load_cross_encoder
 from rerankd.errors import InvalidInputError, ModelLoadError
-from rerankd.types import Document, Normalization, RerankOptions
+from rerankd.types import Document, LongDocs, Normalization, RerankOptions
 from tests.helpers import write_tiny_checkpoint
 
 DOCS = [
@@ -77,6 +77,34 @@ def test_sigmoid_normalisation(reranker) -> None:
 def test_bad_input_says_what_to_fix(reranker, query, docs, top_n, opts, message) -> None:
     with pytest.raises(InvalidInputError, match=message):
         reranker.rerank(query, docs, top_n=top_n, options=opts)
+
+
+def test_default_max_length_is_the_models_training_length(
+    tmp_path: Path, tiny_checkpoint: Path
+) -> None:
+    """rerankd.json's `max_length` (what the trainer saw) is the default; a server flag or a
+    request overrides it, and the position table caps it."""
+    import json
+    import shutil
+
+    folder = tmp_path / "trained"
+    shutil.copytree(tiny_checkpoint, folder)
+    plain = load_reranker(str(folder), backend="torch")
+    cap = plain.config.max_length
+    assert plain.info.default_max_length == min(512, cap)
+    plain.close()
+    (folder / "rerankd.json").write_text(json.dumps({"max_length": 24}))
+    trained = load_reranker(str(folder), backend="torch")
+    assert trained.info.default_max_length == 24
+    long_doc = [Document("0", "word " * 200)]
+    cut = RerankOptions(long_docs=LongDocs.TRUNCATE)
+    assert trained.rerank("q", long_doc, options=cut).tokens == 24
+    wider = RerankOptions(long_docs=LongDocs.TRUNCATE, max_length=40)
+    assert trained.rerank("q", long_doc, options=wider).tokens == 40
+    trained.close()
+    flagged = load_reranker(str(folder), backend="torch", default_max_length=32)
+    assert flagged.info.default_max_length == 32
+    flagged.close()
 
 
 def test_depth_truncation_runs_first_k_layers(tiny_checkpoint: Path) -> None:

@@ -14,7 +14,7 @@ from rerankd.engine.cache import CacheConfig
 from rerankd.engine.checkpoint import fingerprint
 from rerankd.engine.limits import Limits
 from rerankd.engine.loading import load_config, load_cross_encoder
-from rerankd.engine.reranker import DEFAULT_MAX_LENGTH, Reranker
+from rerankd.engine.reranker import Reranker
 from rerankd.engine.scheduler import SchedulerConfig
 from rerankd.engine.tokenize import PairEncoder, load_tokenizer
 from rerankd.errors import ModelLoadError
@@ -63,7 +63,7 @@ def load_reranker(
     threads: int = 0,
     scheduler: SchedulerConfig | None = None,
     limits: Limits | None = None,
-    default_max_length: int = DEFAULT_MAX_LENGTH,
+    default_max_length: int = 0,
     cache: CacheConfig | None = None,
 ) -> Reranker:
     """Load `source` (`bundled:NAME`, a folder or a hub id) behind the chosen backend."""

@@ -7,6 +7,7 @@ event loop while scoring happens in the scheduler's thread.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from concurrent.futures import Future
@@ -36,9 +37,26 @@ from rerankd.types import (
 
 log = logging.getLogger(__name__)
 
+#: Tokens per pair when neither the request, the server nor the model says otherwise.
 DEFAULT_MAX_LENGTH = 512
 # Tokens consecutive windows of a long document share, so no passage is cut at a seam.
 DEFAULT_WINDOW_OVERLAP = 32
+
+
+def model_max_length(folder: Path, config: ModelConfig) -> int:
+    """The model's own serving default: the length it was trained on, else 512.
+
+    A cross-encoder fine-tuned on 192-token pairs scores 512-token pairs worse (a relevant
+    passage is diluted by text it never saw at that length), so rerankd's trainer records
+    `max_length` in `rerankd.json` and serving starts from it. Always capped by the
+    position table.
+    """
+    meta_path = folder / "rerankd.json"
+    trained = 0
+    if meta_path.is_file():
+        value = json.loads(meta_path.read_text()).get("max_length", 0)
+        trained = value if isinstance(value, int) and value > 0 else 0
+    return min(trained or DEFAULT_MAX_LENGTH, config.max_length)
 
 
 @dataclass
@@ -84,7 +102,7 @@ class Reranker:
         *,
         scheduler: SchedulerConfig | None = None,
         limits: Limits | None = None,
-        default_max_length: int = DEFAULT_MAX_LENGTH,
+        default_max_length: int = 0,
         cache: CacheConfig | None = None,
         fingerprint: str = "",
     ) -> None:
@@ -95,7 +113,10 @@ class Reranker:
         self.encoder = encoder
         self.backend = backend
         self.limits = limits or Limits()
-        self.default_max_length = min(default_max_length, config.max_length)
+        #: tokens per pair when a request sends max_length 0 (0 here = the model's own)
+        self.default_max_length = min(
+            default_max_length or model_max_length(folder, config), config.max_length
+        )
         self.cache = ScoreCache(cache or CacheConfig())
         self.fingerprint = fingerprint or str(folder)
         #: fitted fusion with the first-stage order (`fusion.json`), if the model ships one

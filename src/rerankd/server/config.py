@@ -53,7 +53,13 @@ FLAGS: tuple[Flag, ...] = (
     Flag("precision", str, "auto", "auto | fp32 | bf16 | fp16 | int8"),
     Flag("device", str, "auto", "auto | cpu | cuda | cuda:N"),
     Flag("threads", int, 0, "intra-op threads for inference (0 = one per core)"),
-    Flag("max-length", int, 512, "default tokens per (query, document) pair"),
+    Flag(
+        "max-length",
+        int,
+        0,
+        "default tokens per (query, document) pair (0 = the model's: its training length, "
+        "else 512)",
+    ),
     Flag("max-documents", int, 1000, "documents per request"),
     Flag("max-query-chars", int, 8192, "characters per query"),
     Flag("max-document-chars", int, 100_000, "characters per document"),
@@ -87,7 +93,7 @@ class ServeConfig:
     precision: str = "auto"
     device: str = "auto"
     threads: int = 0
-    max_length: int = 512
+    max_length: int = 0
     max_documents: int = 1000
     max_query_chars: int = 8192
     max_document_chars: int = 100_000
@@ -148,4 +154,6 @@ def parse_serve_args(
         if f.repeatable:
             value = tuple(value) if value else getattr(ns, f"_{f.dest}_default")
         values[f.dest] = value
+    if values["max_length"] < 0:
+        parser.error("--max-length must be >= 0 (0 = the model's own default)")
     return ServeConfig(**values)
