@@ -86,3 +86,52 @@ def write_tiny_checkpoint(
     (folder / "config.json").write_text(json.dumps(raw))
     shutil.copyfile(backbone_dir("all-minilm-l6-v2") / "tokenizer.json", folder / "tokenizer.json")
     return folder
+
+
+def write_lora_checkpoint(
+    folder: Path,
+    *,
+    layers: int = 4,
+    vertical: tuple[int, ...] = (1, 3),
+    horizontal: bool = True,
+    rank: int = 2,
+    alpha: float = 3.0,
+    targets: tuple[str, ...] | None = None,
+    seed: int = 0,
+) -> Path:
+    """A tiny Matryoshka checkpoint: per-depth heads and random (B != 0) LoRA updates,
+    vertical for `vertical` and horizontal on every layer, described in rerankd.json."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from rerankd.engine.models.bert import LORA_TARGETS, CrossEncoder
+    from rerankd.engine.models.config import ModelConfig
+
+    write_tiny_checkpoint(folder, seed=seed, layers=layers)
+    weights = load_file(str(folder / "model.safetensors"))
+    cfg = ModelConfig.from_file(folder / "config.json")
+    layer = CrossEncoder(cfg).bert.encoder.layer[0]
+    targets = LORA_TARGETS if targets is None else targets
+    gen = torch.Generator().manual_seed(seed + 1)
+    for k in range(1, layers):
+        weights[f"classifier_depth{k}.weight"] = torch.randn(1, cfg.hidden_size, generator=gen)
+        weights[f"classifier_depth{k}.bias"] = torch.randn(1, generator=gen)
+    kinds = [(f"depth{k}", k) for k in vertical] + ([("keep", layers)] if horizontal else [])
+    for kind, n in kinds:
+        for i in range(n):
+            for t in targets:
+                linear = layer.get_submodule(t)
+                a = torch.randn(rank, linear.in_features, generator=gen) * 0.2
+                b = torch.randn(linear.out_features, rank, generator=gen) * 0.2
+                weights[f"lora_{kind}.layer{i}.{t}.A"] = a
+                weights[f"lora_{kind}.layer{i}.{t}.B"] = b
+    save_file(weights, str(folder / "model.safetensors"))
+    lora = {
+        "rank": rank,
+        "alpha": alpha,
+        "targets": list(targets),
+        "vertical": sorted(vertical),
+        "horizontal": horizontal,
+    }
+    (folder / "rerankd.json").write_text(json.dumps({"matryoshka": {"lora": lora}}))
+    return folder

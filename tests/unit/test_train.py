@@ -30,7 +30,9 @@ from rerankd.train.data import (
 from rerankd.train.losses import distill, kl_distill, listwise_ce, margin_mse, mse_distill
 from rerankd.train.modeling import (
     default_student_layers,
+    encode_batch,
     load_trainable,
+    pair_encoder,
     student_from_teacher,
 )
 from rerankd.train.trainer import TrainConfig, TrainingError, lr_at, read_log, train
@@ -294,6 +296,18 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path: Path, beir: Path, mod
         train(_cfg(beir, model2, tmp_path / "cut", epochs=2, lr=1.0, resume=True))
 
 
+def test_resume_of_a_run_saved_before_the_lora_options(
+    tmp_path: Path, beir: Path, model2: Path
+) -> None:
+    """A field added later is compared against its default, so older runs still resume."""
+    out = tmp_path / "old"
+    train(_cfg(beir, model2, out, epochs=1, max_steps=1))
+    state = json.loads((out / "trainer_state.json").read_text())
+    state["config"] = {k: v for k, v in state["config"].items() if not k.startswith("lora_")}
+    (out / "trainer_state.json").write_text(json.dumps(state))
+    assert train(_cfg(beir, model2, out, epochs=1, resume=True)).stopped == "done"
+
+
 def test_teacher_scores_add_a_distillation_term(tmp_path: Path, beir: Path, model2: Path) -> None:
     scores = {f"q{i}": {f"d{i}": 5.0} | {f"x{j}": 0.0 for j in range(16)} for i in range(16)}
     for i in range(16):
@@ -356,6 +370,186 @@ def test_matryoshka_stores_per_depth_heads(tmp_path: Path, beir: Path, model4: P
         rows = module.forward_depths(**inputs)
         assert rows.shape == (4, 1)
         torch.testing.assert_close(rows[-1], module.model(**inputs))
+
+
+def _depth_scores(out: Path) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """(the trained module's forward_depths rows, the engine's scores at every depth, inputs)."""
+    module = load_trainable(out).eval()
+    inputs = encode_batch(
+        pair_encoder(out, module.config),
+        module.config.pad_token_id,
+        [("what does the cat eat", ["The cat eats grass.", "Many animals eat fish and seeds."])],
+        32,
+        with_protected=True,
+    )
+    plain = {k: v for k, v in inputs.items() if k != "protected"}
+    engine = load_cross_encoder(out)
+    with torch.no_grad():
+        rows = module.forward_depths(**plain)
+        served = torch.stack([engine(**plain, depth=k) for k in range(1, 5)])
+    return rows, served, inputs
+
+
+def test_matryoshka_lora_trains_what_the_engine_serves(
+    tmp_path: Path, beir: Path, model4: Path
+) -> None:
+    out = tmp_path / "lora"
+    res = train(_cfg(beir, model4, out, mode="matryoshka", epochs=1, max_steps=2, lora_rank=2))
+    assert res.step == 2
+    weights = load_file(str(out / "model.safetensors"))
+    for k in (1, 2, 3):
+        assert weights[f"lora_depth{k}.layer{k - 1}.attention.self.query.A"].shape == (2, 32)
+        assert weights[f"lora_depth{k}.layer{k - 1}.intermediate.dense.B"].shape == (64, 2)
+        assert f"lora_depth{k}.layer{k}.output.dense.A" not in weights
+        assert weights[f"lora_depth{k}.layer0.output.dense.B"].abs().sum() > 0  # trained
+    assert not any(k.startswith(("lora_depth4", "lora_keep")) for k in weights)
+    lora = json.loads((out / "rerankd.json").read_text())["matryoshka"]["lora"]
+    assert (lora["rank"], lora["alpha"], lora["vertical"], lora["horizontal"]) == (
+        2,
+        4.0,
+        [1, 2, 3],
+        False,
+    )
+    rows, served, _ = _depth_scores(out)
+    torch.testing.assert_close(rows, served, rtol=0, atol=1e-5)
+    # each depth has its own compensation: depth 2 differs from the shared (no-LoRA) pass
+    engine = load_cross_encoder(out)
+    inputs = {"input_ids": torch.tensor([[101, 4937, 102, 5568, 102]])}
+    inputs |= {"attention_mask": torch.ones(1, 5, dtype=torch.long)}
+    inputs |= {"token_type_ids": torch.tensor([[0, 0, 0, 1, 1]])}
+    with torch.no_grad():
+        with_lora = engine(**inputs, depth=2)
+        hidden = engine.backbone(**inputs, depth=2)
+        without = engine.head(hidden, 2)
+    assert not torch.allclose(with_lora, without, atol=1e-7)
+
+
+def test_matryoshka_trains_only_the_chosen_depths(tmp_path: Path, beir: Path, model4: Path) -> None:
+    """`--depths 2`: one head and one LoRA (depth 2, learning from the full depth); the run
+    records the length it trained on, which serving then uses by default."""
+    out = tmp_path / "d2"
+    cfg = _cfg(
+        beir, model4, out, mode="matryoshka", epochs=1, lora_rank=2,
+        matryoshka_depths=(2,), lora_freeze_base=True,
+    )  # fmt: skip
+    res = train(cfg)
+    assert set(res.history[-1]["dev"]["depths"]) == {"depth2"}
+    weights = load_file(str(out / "model.safetensors"))
+    assert "classifier_depth2.weight" in weights
+    assert not any(k.startswith(("classifier_depth1", "classifier_depth3")) for k in weights)
+    assert {k.split(".")[0] for k in weights if k.startswith("lora_")} == {"lora_depth2"}
+    meta = json.loads((out / "rerankd.json").read_text())
+    assert meta["matryoshka"]["depths"] == [2] and meta["max_length"] == 32
+    with pytest.raises(TrainingError, match=r"depths must be in 1\.\.3"):
+        train(_cfg(beir, model4, tmp_path / "bad", mode="matryoshka", matryoshka_depths=(4,)))
+    with pytest.raises(TrainingError, match="for Matryoshka"):
+        _cfg(beir, model4, tmp_path / "bad2", matryoshka_depths=(2,)).validate()
+
+
+def test_fresh_lora_changes_no_score(model4: Path) -> None:
+    module = load_trainable(model4, depths=[1, 2, 3]).eval()
+    ids = torch.tensor([[101, 2054, 2515, 102, 4937, 102]])
+    inputs = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "token_type_ids": torch.tensor([[0, 0, 0, 0, 1, 1]]),
+    }
+    with torch.no_grad():
+        before = module.forward_depths(**inputs)
+        module.add_lora(2, 4.0, ["attention.self.query", "output.dense"], True, seed=0)
+        after = module.forward_depths(**inputs)
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-6)
+    a = dict(module.named_parameters())["model.lora_depth2.layer1.output.dense.A"]
+    assert a.abs().max() > 0 and a.abs().max() <= 1 / math.sqrt(a.shape[1])
+
+
+def test_matryoshka_horizontal_lora_trains_the_pruned_configuration(
+    tmp_path: Path, beir: Path, model4: Path
+) -> None:
+    out = tmp_path / "keep"
+    res = train(
+        _cfg(
+            beir,
+            model4,
+            out,
+            mode="matryoshka",
+            epochs=1,
+            lora_rank=2,
+            lora_horizontal=0.5,
+        )
+    )
+    assert "horizontal" in res.history[0]["loss_parts"]
+    assert "ndcg@10" in res.history[0]["dev"]["pruned"]
+    weights = load_file(str(out / "model.safetensors"))
+    assert weights["lora_keep.layer3.output.dense.B"].abs().sum() > 0
+    assert json.loads((out / "rerankd.json").read_text())["matryoshka"]["lora"]["horizontal"]
+    rows, served, inputs = _depth_scores(out)
+    torch.testing.assert_close(rows, served, rtol=0, atol=1e-5)
+    module = load_trainable(out).eval()
+    engine = load_cross_encoder(out)
+    keep = (1.0, 0.5, 0.5, 0.5)
+    with torch.no_grad():
+        trained = module.model.forward_pruned(**inputs, keep=keep)
+        torch.testing.assert_close(engine.forward_pruned(**inputs, keep=keep), trained)
+        plain = {k: v for k, v in inputs.items() if k != "protected"}
+        torch.testing.assert_close(engine(**plain), module(**plain))
+
+
+def test_lora_freeze_base_keeps_the_base_weights_and_resumes(
+    tmp_path: Path, beir: Path, model4: Path
+) -> None:
+    kw = {"mode": "matryoshka", "epochs": 1, "lora_rank": 2, "lora_freeze_base": True}
+    kw |= {"lora_horizontal": 0.5}
+    whole = train(_cfg(beir, model4, tmp_path / "whole", **kw))
+    before = load_file(str(model4 / "model.safetensors"))
+    after = load_file(str(tmp_path / "whole" / "model.safetensors"))
+    for name, t in before.items():
+        assert torch.equal(after[name], t), name
+    assert all(after[n].abs().sum() > 0 for n in after if n.endswith(".B"))  # LoRA trained
+    # resume mid-epoch ends where the uninterrupted run did
+    part = train(_cfg(beir, model4, tmp_path / "cut", max_steps=1, **kw))
+    assert part.step == 1
+    done = train(_cfg(beir, model4, tmp_path / "cut", resume=True, **kw))
+    assert done.step == whole.step
+    cut = load_file(str(tmp_path / "cut" / "model.safetensors"))
+    assert cut.keys() == after.keys()
+    for name in after:
+        torch.testing.assert_close(cut[name], after[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_lora_options_are_validated(tmp_path: Path, beir: Path, model4: Path) -> None:
+    with pytest.raises(TrainingError, match="for Matryoshka"):
+        train(_cfg(beir, model4, tmp_path / "a", lora_rank=2))
+    with pytest.raises(TrainingError, match="needs --lora-rank"):
+        train(_cfg(beir, model4, tmp_path / "b", mode="matryoshka", lora_horizontal=0.5))
+    with pytest.raises(TrainingError, match="lora_targets"):
+        train(_cfg(beir, model4, tmp_path / "c", mode="matryoshka", lora_rank=2, lora_targets=()))
+    # a model with LoRA already is not given a second set
+    first = tmp_path / "first"
+    train(_cfg(beir, model4, first, mode="matryoshka", epochs=1, max_steps=1, lora_rank=2))
+    with pytest.raises(TrainingError, match="has LoRA compensation already"):
+        train(_cfg(beir, first, tmp_path / "d", mode="matryoshka", lora_rank=2))
+
+
+def test_cli_lora_flags(tmp_path: Path, beir: Path, model4: Path) -> None:
+    from rerankd.cli import main
+
+    out = tmp_path / "cli"
+    tiny = [
+        "--dataset", str(beir), "--negatives", "3", "--depth", "8", "--max-length", "32",
+        "--dev-queries", "4", "--dev-candidates", "8", "--batch-groups", "4", "--threads", "1",
+        "--no-progress", "--max-steps", "1", "--out", str(out),
+    ]  # fmt: skip
+    lora = ["--lora-rank", "2", "--lora-targets", "output.dense,attention.self.query"]
+    lora += ["--lora-horizontal", "0.5", "--lora-freeze-base"]
+    assert main(["distill", "--matryoshka", "--model", str(model4), *lora, *tiny]) == 0
+    meta = json.loads((out / "rerankd.json").read_text())["matryoshka"]["lora"]
+    assert meta["targets"] == ["attention.self.query", "output.dense"] and meta["alpha"] == 4.0
+    assert meta["horizontal"] and read_log(out)[0]["config"]["lora_freeze_base"]
+    with pytest.raises(SystemExit):
+        main(["distill", "--teacher", str(model4), "--lora-rank", "2", *tiny])
+    with pytest.raises(SystemExit):
+        main(["distill", "--matryoshka", "--model", str(model4), "--lora-targets", "x", *tiny])
 
 
 def test_student_starts_from_the_chosen_teacher_layers(tmp_path: Path, model4: Path) -> None:

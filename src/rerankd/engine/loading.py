@@ -2,16 +2,21 @@
 
 Weights are matched by name against our own architecture; a missing or unexpected
 tensor is an error that names it, so a wrong checkpoint never serves random scores.
+Matryoshka extras are recognised by name too: per-depth heads (`classifier_depth{k}.*`)
+and LoRA compensation (`lora_depth{k}.*`, `lora_keep.*`, see `models.bert`).
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from rerankd.engine.checkpoint import read_weights
-from rerankd.engine.models.bert import DEPTH_HEAD_NAME, CrossEncoder
+from rerankd.engine.models.bert import DEPTH_HEAD_NAME, CrossEncoder, lora_layout
 from rerankd.engine.models.config import ModelConfig
 from rerankd.engine.models.jina import JinaCrossEncoder
 from rerankd.errors import ModelLoadError
@@ -36,13 +41,84 @@ def load_cross_encoder(folder: Path) -> CrossEncoder | JinaCrossEncoder:
             model.add_depth_heads(depths)
         except ValueError as exc:
             raise ModelLoadError(f"{folder}: {exc}") from exc
-    missing, unexpected = model.load_state_dict(weights, strict=False)
+    install_lora(model, weights, folder)
+    try:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+    except RuntimeError as exc:  # a tensor of the wrong shape; torch's message names it
+        raise ModelLoadError(
+            f"{folder} does not match a {cfg.model_type} cross-encoder: {exc}"
+        ) from exc
     if missing or unexpected:
         raise ModelLoadError(
             f"{folder} does not match a {cfg.model_type} cross-encoder: "
             f"missing {sorted(missing)[:8]}, unexpected {sorted(unexpected)[:8]}"
         )
     return model.eval().requires_grad_(False)
+
+
+def lora_meta(folder: Path) -> dict[str, Any] | None:
+    """`matryoshka.lora` of the folder's rerankd.json: rank, alpha, targets, vertical,
+    horizontal (None where the folder describes no LoRA)."""
+    path = folder / "rerankd.json"
+    if not path.is_file():
+        return None
+    try:
+        meta = json.loads(path.read_text())
+    except ValueError as exc:
+        raise ModelLoadError(f"{path} is not valid JSON: {exc}") from exc
+    lora = (meta.get("matryoshka") or {}).get("lora") if isinstance(meta, dict) else None
+    return lora if isinstance(lora, dict) else None
+
+
+def install_lora(
+    model: CrossEncoder | JinaCrossEncoder, weights: Mapping[str, torch.Tensor], folder: Path
+) -> None:
+    """Install (zeroed) the LoRA modules that the `lora_*` tensors of `weights` name, so that
+    `load_state_dict` fills them; rank and alpha come from rerankd.json.
+
+    ModelLoadError for a malformed name, a depth or layer out of range, an unknown target,
+    a non-BERT-family model, or a rerankd.json that disagrees with the tensors.
+    """
+    try:
+        layout = lora_layout(weights)
+    except ValueError as exc:
+        raise ModelLoadError(f"{folder}: {exc}") from exc
+    meta = lora_meta(folder)
+    if not layout:
+        if meta:
+            raise ModelLoadError(
+                f"{folder}: rerankd.json describes LoRA compensation but the weights hold no "
+                "lora_* tensors"
+            )
+        return
+    if not isinstance(model, CrossEncoder):
+        raise ModelLoadError(
+            f"{folder}: LoRA compensation is implemented for BERT-family models, not "
+            f"{model.config.family}"
+        )
+    if meta is None:
+        raise ModelLoadError(
+            f"{folder}: lora_* tensors need rerankd.json's matryoshka.lora (rank, alpha)"
+        )
+    try:
+        rank, alpha = int(meta["rank"]), float(meta["alpha"])
+        for kind, layers in layout.items():
+            for i, targets in layers.items():
+                model.add_lora(kind, [i], targets, rank, alpha)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelLoadError(f"{folder}: malformed LoRA compensation: {exc}") from exc
+    spec = model.lora_spec
+    assert spec is not None
+    described = (
+        sorted(meta.get("vertical", spec.vertical)),
+        bool(meta.get("horizontal", spec.horizontal)),
+    )
+    if described != (list(spec.vertical), spec.horizontal):
+        raise ModelLoadError(
+            f"{folder}: rerankd.json describes LoRA for depths {described[0]} (horizontal: "
+            f"{described[1]}) but the tensors are for depths {list(spec.vertical)} "
+            f"(horizontal: {spec.horizontal})"
+        )
 
 
 def load_config(folder: Path) -> ModelConfig:

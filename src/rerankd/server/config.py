@@ -57,8 +57,8 @@ FLAGS: tuple[Flag, ...] = (
         "max-length",
         int,
         0,
-        "default tokens per (query, document) pair (0 = the model's: its training length, "
-        "else 512)",
+        "default tokens per (query, document) pair; 0 = the model's own: the length it was "
+        "trained on (`max_length` in its rerankd.json, 192 for rerankd-minilm-l6), else 512",
     ),
     Flag("max-documents", int, 1000, "documents per request"),
     Flag("max-query-chars", int, 8192, "characters per query"),

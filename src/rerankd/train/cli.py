@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from rerankd.engine.models.bert import DEFAULT_LORA_TARGETS, LORA_TARGETS
 from rerankd.train.losses import DISTILL_LOSSES
 
 
@@ -31,6 +32,14 @@ def _layers(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(
             f"expected comma-separated layer indices: {text!r}"
         ) from None
+
+
+def _targets(text: str) -> tuple[str, ...]:
+    targets = tuple(t.strip() for t in text.split(",") if t.strip())
+    unknown = [t for t in targets if t not in LORA_TARGETS]
+    if unknown or not targets:
+        raise argparse.ArgumentTypeError(f"expected some of {','.join(LORA_TARGETS)}, got {text!r}")
+    return targets
 
 
 def _common(p: argparse.ArgumentParser, *, lr: float, ce_weight: float) -> None:
@@ -166,6 +175,40 @@ def distill_parser() -> argparse.ArgumentParser:
         default=0.0,
         help="also listwise CE on the labels at every sub-depth (0 = pure cascade)",
     )
+    p.add_argument(
+        "--depths",
+        type=_layers,
+        default=[],
+        help="sub-depths to train, e.g. 2 or 2,4 (default: every depth below the full one); "
+        "the cascade runs over these and the full depth, other depth heads are dropped",
+    )
+    lora = p.add_argument_group("LoRA compensation (--matryoshka)")
+    lora.add_argument(
+        "--lora-rank",
+        type=int,
+        default=0,
+        help="rank of each depth's own LoRA updates (vertical compensation; 0 = none)",
+    )
+    lora.add_argument("--lora-alpha", type=float, help="LoRA alpha (default 2 x rank)")
+    lora.add_argument(
+        "--lora-targets",
+        type=_targets,
+        default=DEFAULT_LORA_TARGETS,
+        help=f"linears of each layer to adapt (default {','.join(DEFAULT_LORA_TARGETS)})",
+    )
+    lora.add_argument(
+        "--lora-horizontal",
+        type=float,
+        default=0.0,
+        metavar="KEEP_RATIO",
+        help="also train the full depth pruned to this share of tokens from layer 2 on, "
+        "with horizontal LoRA, against the unpruned scores (0 = off)",
+    )
+    lora.add_argument(
+        "--lora-freeze-base",
+        action="store_true",
+        help="train only the LoRA updates and per-depth heads (the full depth is unchanged)",
+    )
     _common(p, lr=1e-4, ce_weight=0.0)
     return p
 
@@ -227,11 +270,19 @@ def main_distill(argv: Sequence[str]) -> int:
             cascade_loss=ns.cascade_loss,
             cascade_weight=ns.cascade_weight,
             depth_ce_weight=ns.depth_ce_weight,
+            matryoshka_depths=tuple(ns.depths),
+            lora_rank=ns.lora_rank,
+            lora_alpha=ns.lora_alpha,
+            lora_targets=ns.lora_targets,
+            lora_horizontal=ns.lora_horizontal,
+            lora_freeze_base=ns.lora_freeze_base,
             **kwargs,
         )
     else:
         if not ns.teacher:
             p.error("student distillation needs --teacher (or pass --matryoshka --model)")
+        if any(a.startswith(("--lora-", "--depths")) for a in argv):
+            p.error("the --lora-* and --depths options are for --matryoshka")
         explicit = "--student-layers" in argv
         if ns.layer_map and explicit and len(ns.layer_map) != ns.student_layers:
             p.error(

@@ -22,11 +22,31 @@ describes this under `"matryoshka"`. The heads are separate because layer k's [C
 in the space the full-depth head was trained on; the pooler is shared because it is a
 hidden-to-hidden map that every depth's head can adapt to, and one head per depth is then
 H + 1 parameters.
+
+Matryoshka LoRA compensation
+----------------------------
+With `--lora-rank R`, the same file also holds low-rank updates of the encoder's linears
+(the Matryoshka Re-Ranker's vertical and horizontal compensation; the engine's
+`models.bert` docstring defines how they are applied):
+
+    lora_depth{k}.layer{i}.{T}.A   float32 [R, in_features]    k = 1 .. L-1, i < k
+    lora_depth{k}.layer{i}.{T}.B   float32 [out_features, R]
+    lora_keep.layer{i}.{T}.A       float32 [R, in_features]    i < L (with --lora-horizontal)
+    lora_keep.layer{i}.{T}.B       float32 [out_features, R]
+
+`T` is a linear's path inside an encoder layer (`attention.self.query`, ...,
+`output.dense`). Serving at depth k computes each targeted linear of layers i < k with
+`W + (alpha / R) B A`; pruning tokens adds the `lora_keep` updates. `rerankd.json`
+says `"matryoshka": {"lora": {"rank": R, "alpha": alpha, "targets": [T, ...],
+"vertical": [k, ...], "horizontal": true|false}}` (alpha is read from there only). The
+full depth never uses LoRA: with `--lora-freeze-base` the full-depth model is exactly the
+one trained from, and each depth pays for its own compensation only when it is served.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -42,7 +62,16 @@ from rerankd.engine.bundled import PREFIX as BUNDLED_PREFIX
 from rerankd.engine.bundled import backbone_dir
 from rerankd.engine.checkpoint import read_weights
 from rerankd.engine.convert import backbone_to_cross_encoder
-from rerankd.engine.models.bert import DEPTH_HEAD_NAME, CrossEncoder
+from rerankd.engine.loading import install_lora, lora_meta
+from rerankd.engine.models.bert import (
+    DEPTH_HEAD_NAME,
+    KEEP,
+    CrossEncoder,
+    backbone_prefix,
+    fold_lora,
+    lora_layout,
+    mask_bias,
+)
 from rerankd.engine.models.config import ModelConfig
 from rerankd.engine.tokenize import PairEncoder, collate, load_tokenizer
 from rerankd.errors import ModelLoadError
@@ -93,7 +122,7 @@ def prepare_init(spec: str, workdir: Path, seed: int) -> tuple[Path, dict[str, A
 def split_depth_heads(
     weights: Mapping[str, torch.Tensor],
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(the Hugging Face tensors, the rerankd per-depth head tensors)."""
+    """(every other tensor, LoRA included; the rerankd per-depth head tensors)."""
     base = {k: v for k, v in weights.items() if not _DEPTH_HEAD_NAME.match(k)}
     heads = {k: v for k, v in weights.items() if _DEPTH_HEAD_NAME.match(k)}
     return base, heads
@@ -107,8 +136,9 @@ def head_depths(weights: Mapping[str, torch.Tensor]) -> list[int]:
 class TrainableReranker(nn.Module):
     """The engine's `CrossEncoder`, plus optional per-depth heads (Matryoshka).
 
-    Its state dict is `model.<HF name>` and `classifier_depth{k}.*`; `export_state` gives the
-    checkpoint names (HF names unprefixed).
+    Its state dict is `model.<HF name>`, `model.lora_*` (LoRA compensation, installed on
+    the engine's module so training runs the very forward that serves) and
+    `classifier_depth{k}.*`; `export_state` gives the checkpoint names (unprefixed).
     """
 
     def __init__(self, model: CrossEncoder, depths: Sequence[int] = ()) -> None:
@@ -150,19 +180,53 @@ class TrainableReranker(nn.Module):
     ) -> torch.Tensor:
         """Scores at every head depth and at full depth: shape (len(depths) + 1, pairs).
 
-        One pass through the encoder; row i is depth `self.depths[i]`, the last row depth L.
+        Row i is depth `self.depths[i]`, the last row depth L. Depths without LoRA share
+        one pass through the encoder; a depth with vertical LoRA runs a pass of its own
+        (its layers compute with its updates, as the engine serves it), so a fully
+        compensated model costs L(L+1)/2 layer passes instead of L.
         """
-        bb = self.model.backbone
+        model = self.model
+        bb = model.backbone
         x = bb.embeddings(input_ids, attention_mask, token_type_ids)
-        bias = (1.0 - attention_mask[:, None, None, :].to(x.dtype)) * torch.finfo(x.dtype).min
-        rows: list[torch.Tensor] = []
-        wanted = set(self.depths)
+        bias = mask_bias(attention_mask, x.dtype)
+        rows: dict[int, torch.Tensor] = {}
         for i, layer in enumerate(bb.encoder.layer, start=1):
             x = layer(x, bias)
-            if i in wanted:
-                rows.append(self.head(i)(bb.pooler(x))[:, 0])
-        rows.append(self.model.classifier(bb.pooler(x))[:, 0])
-        return torch.stack(rows)
+            if i in self.depths and not model.lora_adapters(i):
+                rows[i] = self.head(i)(bb.pooler(x))[:, 0]
+        for k in self.depths:
+            if k not in rows:
+                hidden = model.encode(input_ids, attention_mask, token_type_ids, k)
+                rows[k] = self.head(k)(bb.pooler(hidden))[:, 0]
+        full = model.classifier(bb.pooler(x))[:, 0]
+        return torch.stack([rows[k] for k in self.depths] + [full])
+
+    def add_lora(
+        self, rank: int, alpha: float, targets: Sequence[str], horizontal: bool, seed: int
+    ) -> None:
+        """Vertical LoRA for every head depth, and horizontal LoRA on every layer.
+
+        A is drawn from `seed`, uniform in +-1/sqrt(in_features) (PEFT's default), and B is
+        zero: a fresh update changes no score, and B has a gradient from the first step.
+        """
+        for k in self.depths:
+            self.model.add_lora(f"depth{k}", range(k), targets, rank, alpha)
+        if horizontal:
+            self.model.add_lora(KEEP, range(self.config.num_layers), targets, rank, alpha)
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, p in sorted(self.model.named_parameters()):
+                if name.startswith("lora_") and name.endswith(".A"):
+                    bound = 1.0 / math.sqrt(p.shape[1])
+                    p.copy_((torch.rand(p.shape, generator=gen) * 2 - 1) * bound)
+
+    def freeze_base(self) -> None:
+        """Train only the LoRA updates and the per-depth heads: the full-depth model (which
+        uses neither) stays bit-identical."""
+        self.model.requires_grad_(False)
+        for name, p in self.model.named_parameters():
+            if name.startswith("lora_"):
+                p.requires_grad_(True)
 
     def export_state(self) -> dict[str, torch.Tensor]:
         """Checkpoint tensors: HF names for the cross-encoder, rerankd names for the heads."""
@@ -198,7 +262,9 @@ def load_trainable(folder: Path, depths: Sequence[int] | None = None) -> Trainab
     base, heads = split_depth_heads(weights)
     have = head_depths(heads)
     wanted = have if depths is None else list(depths)
-    module = TrainableReranker(CrossEncoder(cfg), wanted)
+    model = CrossEncoder(cfg)
+    install_lora(model, weights, folder)  # the folder's LoRA, if any, is kept and trained
+    module = TrainableReranker(model, wanted)
     module.init_heads_from_classifier()  # overwritten below for the heads the folder has
     keep = {k: v for k, v in heads.items() if int(_DEPTH_HEAD_NAME.match(k).group(1)) in wanted}
     state = {f"model.{k}": v for k, v in base.items()} | keep
@@ -222,12 +288,15 @@ def encode_batch(
     pad_id: int,
     query_docs: Sequence[tuple[str, Sequence[str]]],
     max_length: int,
+    with_protected: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Model inputs for (query, documents) lists, one pair per document, in order."""
+    """Model inputs for (query, documents) lists, one pair per document, in order
+    (`protected` too, for token pruning, with `with_protected`)."""
     pairs = []
     for query, docs in query_docs:
         pairs.extend(encoder.encode(query, list(docs), max_length).pairs)
-    return {k: torch.from_numpy(v) for k, v in collate(pairs, pad_id).items()}
+    batch = collate(pairs, pad_id, with_protected)
+    return {k: torch.from_numpy(v) for k, v in batch.items()}
 
 
 def _atomic_write_bytes(path: Path, writer: Any) -> None:
@@ -272,7 +341,7 @@ def save_model_folder(
     meta_st = {"format": "pt", **(metadata or {})}
     save_safetensors(out / "model.safetensors", module.export_state(), meta_st)
     meta = dict(info)
-    if module.depths:
+    if module.depths or module.model.lora_spec is not None:
         meta["matryoshka"] = matryoshka_description(module)
     write_json(out / "rerankd.json", meta)
     return out
@@ -292,7 +361,23 @@ def matryoshka_description(module: TrainableReranker) -> dict[str, Any]:
         },
         "score": "classifier_depth{k}(tanh(bert.pooler.dense(h_k[:, 0])))[:, 0], h_k = hidden "
         "state after the first k encoder layers; depth num_layers uses classifier.*",
-        "lora": None,
+        "lora": lora_description(module.model),
+    }
+
+
+def lora_description(model: CrossEncoder) -> dict[str, Any] | None:
+    """`matryoshka.lora` of rerankd.json: the spec the engine reads (rank, alpha, targets,
+    vertical, horizontal) and, for a reader, the tensor names and the effective weight."""
+    spec = model.lora_spec
+    if spec is None:
+        return None
+    return spec.describe() | {
+        "tensors": {
+            "vertical": "lora_depth{k}.layer{i}.{target}.A [rank, in], .B [out, rank], i < k",
+            "horizontal": "lora_keep.layer{i}.{target}.A [rank, in], .B [out, rank]",
+        },
+        "weight": "W + (alpha / rank) * B @ A; depth k < num_layers uses lora_depth{k}, "
+        "token pruning adds lora_keep; the full depth uses none",
     }
 
 
@@ -322,6 +407,7 @@ def student_from_teacher(teacher: Path, layers: Sequence[int], dst: Path) -> Pat
     if layers[-1] >= cfg.num_layers or layers[0] < 0:
         raise ValueError(f"teacher has layers 0..{cfg.num_layers - 1}, got {list(layers)}")
     base, _ = split_depth_heads(read_weights(teacher))
+    base = fold_lora(base, None, 1.0, "")  # drops the teacher's LoRA: it fits its own depths
     new_index = {old: new for new, old in enumerate(layers)}
     out: dict[str, torch.Tensor] = {}
     for name, t in base.items():
@@ -345,10 +431,13 @@ def student_from_teacher(teacher: Path, layers: Sequence[int], dst: Path) -> Pat
 def extract_depth(model: Path, depth: int, dst: Path) -> Path:
     """The first `depth` layers of a Matryoshka checkpoint as a model of its own.
 
-    Its head is the checkpoint's head for that depth (`classifier_depth{depth}`), so the
-    extracted model scores exactly as the full checkpoint does at `depth` (the per-depth
-    heads below it are kept too). After cascaded self-distillation this *is* a student
-    distilled from the full model, at no extra training cost.
+    Its head is the checkpoint's head for that depth (`classifier_depth{depth}`), and the
+    depth's LoRA compensation is folded into its weights, so the extracted model scores
+    exactly as the full checkpoint does at `depth`. The per-depth heads below it are kept
+    where they still score as in the checkpoint: not when LoRA changed their layers (no
+    LoRA is kept: each update was trained for a configuration of the source). After
+    cascaded self-distillation this *is* a student distilled from the full model, at no
+    extra training cost.
     """
     cfg = ModelConfig.from_file(model / "config.json")
     base, heads = split_depth_heads(read_weights(model))
@@ -357,6 +446,17 @@ def extract_depth(model: Path, depth: int, dst: Path) -> Path:
         raise ValueError(
             f"{model} has no head for depth {depth} (per-depth heads: {head_depths(heads)})"
         )
+    # LoRA: this depth's updates are folded into the weights and every update is dropped;
+    # so a lower head stays only if neither its depth nor this one was compensated.
+    layout = lora_layout(base)
+    compensated = {int(kind[len("depth") :]) for kind in layout if kind != KEEP}
+    if layout:
+        meta = lora_meta(model)
+        if meta is None:
+            raise ModelLoadError(f"{model}: lora_* tensors need rerankd.json's matryoshka.lora")
+        kind = f"depth{depth}" if depth in compensated else None
+        scale = float(meta["alpha"]) / int(meta["rank"])
+        base = fold_lora(base, kind, scale, backbone_prefix(cfg))
     out: dict[str, torch.Tensor] = {}
     for name, t in base.items():
         m = _LAYER_NAME.match(name)
@@ -365,7 +465,7 @@ def extract_depth(model: Path, depth: int, dst: Path) -> Path:
     out["classifier.weight"] = heads[f"{head}.weight"]
     out["classifier.bias"] = heads[f"{head}.bias"]
     for k in head_depths(heads):
-        if k < depth:
+        if k < depth and not compensated & {k, depth}:
             out[f"classifier_depth{k}.weight"] = heads[f"classifier_depth{k}.weight"]
             out[f"classifier_depth{k}.bias"] = heads[f"classifier_depth{k}.bias"]
     dst.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,11 @@ One loop serves three objectives (`TrainConfig.mode`):
 - `student`: a shallower student (initialised from the teacher's layers) learns the scores a
   teacher cross-encoder computes on the same groups, online.
 - `matryoshka`: cascaded self-distillation: the full depth learns from labels, every depth k
-  (its own head, see `modeling`) learns depth k+1's scores, detached.
+  (its own head, see `modeling`) learns depth k+1's scores, detached. With `lora_rank`,
+  every depth k also gets its own LoRA compensation (its scores then come from a pass of
+  k layers with that LoRA, as served); with `lora_horizontal` s, the full depth pruned to
+  the share s of tokens from layer 2 on (with the horizontal LoRA) learns the unpruned
+  full depth's scores too.
 
 What every run guarantees, and why:
 
@@ -48,6 +52,8 @@ import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
+from rerankd.engine.limits import resolve_keep_schedule
+from rerankd.engine.models.bert import DEFAULT_LORA_TARGETS, LORA_TARGETS
 from rerankd.eval.metrics import evaluate
 from rerankd.train.data import (
     Group,
@@ -70,6 +76,7 @@ from rerankd.train.modeling import (
     student_from_teacher,
     write_json,
 )
+from rerankd.types import RerankOptions
 
 MODES = ("train", "student", "matryoshka")
 STATE_JSON = "trainer_state.json"
@@ -135,6 +142,19 @@ class TrainConfig:
     #: from the next larger depth, the pure cascade; the chain then reaches the shallow
     #: heads slowly: after one SciFact epoch depth 2 was still below its untrained head)
     depth_ce_weight: float = 0.0
+    #: the sub-depths trained, each with its own head (and LoRA, if any); () = every depth
+    #: 1..L-1. The cascade runs over these and the full depth, so `(2,)` makes depth 2 learn
+    #: from the full model directly; fewer depths also cost less (with vertical LoRA each
+    #: trained depth k is a k-layer pass of its own). Heads of other depths are dropped.
+    matryoshka_depths: tuple[int, ...] = ()
+    #: LoRA compensation (matryoshka): rank (0 = none), alpha (None = 2 x rank), targets
+    lora_rank: int = 0
+    lora_alpha: float | None = None
+    lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
+    #: keep ratio of the pruned configuration trained with horizontal LoRA (0 = none)
+    lora_horizontal: float = 0.0
+    #: train only the LoRA updates and per-depth heads; the full-depth model stays as is
+    lora_freeze_base: bool = False
     # run control
     max_minutes: float | None = None
     max_steps: int | None = None
@@ -170,10 +190,30 @@ class TrainConfig:
             )
         )
 
+    @classmethod
+    def default_trajectory(cls) -> dict[str, Any]:
+        """The trajectory fields' defaults, JSON-ready: a run saved before a field existed
+        ran with its default, so `--resume` compares a missing field against that."""
+        return json.loads(
+            dump_json(
+                {
+                    f.name: f.default
+                    for f in dataclasses.fields(cls)
+                    if f.name not in cls.RUN_CONTROL and f.default is not dataclasses.MISSING
+                }
+            )
+        )
+
+    @property
+    def lora_alpha_value(self) -> float:
+        return float(self.lora_alpha) if self.lora_alpha is not None else 2.0 * self.lora_rank
+
     def validate(self) -> None:
         """Refuse nonsense before minutes of data loading."""
         if self.mode not in MODES:
             raise TrainingError(f"mode must be one of {MODES}, got {self.mode!r}")
+        self._validate_lora()
+        self._validate_depths()
         positive = {
             "epochs": self.epochs,
             "batch_groups": self.batch_groups,
@@ -206,6 +246,31 @@ class TrainConfig:
             raise TrainingError("pseudo queries have no labels; they are for student distillation")
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise TrainingError("max_minutes must be > 0")
+
+    def _validate_depths(self) -> None:
+        if self.matryoshka_depths and self.mode != "matryoshka":
+            raise TrainingError("matryoshka depths are for Matryoshka distillation")
+        if len(set(self.matryoshka_depths)) != len(self.matryoshka_depths):
+            raise TrainingError(f"repeated matryoshka depth in {list(self.matryoshka_depths)}")
+
+    def _validate_lora(self) -> None:
+        if self.lora_rank < 0:
+            raise TrainingError(f"lora_rank must be >= 0 (0 = no LoRA), got {self.lora_rank}")
+        if not self.lora_rank and not self.lora_horizontal and not self.lora_freeze_base:
+            return
+        if self.mode != "matryoshka":
+            raise TrainingError("the --lora-* options are for Matryoshka distillation")
+        if not 0.0 <= self.lora_horizontal < 1.0:
+            raise TrainingError(f"lora_horizontal must be in [0, 1), got {self.lora_horizontal}")
+        if self.lora_horizontal and not self.lora_rank:
+            raise TrainingError("--lora-horizontal needs --lora-rank")
+        if self.lora_rank and not self.lora_alpha_value > 0:
+            raise TrainingError(f"lora_alpha must be > 0, got {self.lora_alpha}")
+        unknown = [t for t in self.lora_targets if t not in LORA_TARGETS]
+        if unknown or not self.lora_targets:
+            raise TrainingError(
+                f"lora_targets must be some of {list(LORA_TARGETS)}, got {list(self.lora_targets)}"
+            )
 
 
 @dataclass
@@ -320,11 +385,10 @@ class Trainer:
         if saved.get("version") != STATE_VERSION:
             raise TrainingError(f"{state_path} has state version {saved.get('version')}")
         now = self.cfg.trajectory()
-        diff = sorted(
-            k for k in set(now) | set(saved["config"]) if now.get(k) != saved["config"].get(k)
-        )
+        before = self.cfg.default_trajectory() | saved["config"]
+        diff = sorted(k for k in set(now) | set(before) if now.get(k) != before.get(k))
         if diff:
-            detail = ", ".join(f"{k}: {saved['config'].get(k)!r} -> {now.get(k)!r}" for k in diff)
+            detail = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in diff)
             raise TrainingError(
                 "--resume with a different configuration would not continue the same run "
                 f"({detail})"
@@ -362,27 +426,70 @@ class Trainer:
             init, info = prepare_init(cfg.backbone, workdir, cfg.seed)
             depths: list[int] | None = None
             if cfg.mode == "matryoshka":
-                depths = list(range(1, ModelConfig.from_file(init / "config.json").num_layers))
+                layers = ModelConfig.from_file(init / "config.json").num_layers
+                depths = sorted(cfg.matryoshka_depths) or list(range(1, layers))
                 if not depths:
                     raise TrainingError("a one-layer model has no sub-depths to distil into")
+                if not all(0 < k < layers for k in depths):
+                    raise TrainingError(
+                        f"matryoshka depths must be in 1..{layers - 1} for a {layers}-layer "
+                        f"model, got {list(cfg.matryoshka_depths)}"
+                    )
             self.module = load_trainable(init, depths=depths)
             self.template = init
+            if cfg.lora_rank:
+                if self.module.model.lora_spec is not None:
+                    raise TrainingError(
+                        f"{init} has LoRA compensation already; train from its base model "
+                        "(or continue that run with --resume)"
+                    )
+                self.module.add_lora(
+                    cfg.lora_rank,
+                    cfg.lora_alpha_value,
+                    cfg.lora_targets,
+                    horizontal=cfg.lora_horizontal > 0,
+                    seed=cfg.seed,
+                )
         if cfg.freeze_embeddings:
             self.module.model.backbone.embeddings.word_embeddings.requires_grad_(False)
+        if cfg.lora_freeze_base:
+            self.module.freeze_base()
         mcfg = self.module.config
+        #: the pruned configuration trained with horizontal LoRA (empty: none)
+        self.keep = (
+            resolve_keep_schedule(RerankOptions(keep_ratio=cfg.lora_horizontal), mcfg.num_layers)
+            if cfg.lora_horizontal
+            else ()
+        )
         self.encoder = pair_encoder(self.template, mcfg)
         self.pad_id = mcfg.pad_token_id
+        spec = self.module.model.lora_spec
         return info | {
             "layers": mcfg.num_layers,
             "hidden": mcfg.hidden_size,
             "parameters": sum(p.numel() for p in self.module.parameters()),
+            "trainable_parameters": sum(
+                p.numel() for p in self.module.parameters() if p.requires_grad
+            ),
             "depth_heads": self.module.depths,
+            "lora": spec.describe() if spec is not None else None,
         }
 
     # -- batches and losses --------------------------------------------------------------------
 
-    def _inputs(self, query_docs: Sequence[tuple[str, Sequence[str]]]) -> dict[str, torch.Tensor]:
-        return encode_batch(self.encoder, self.pad_id, query_docs, self.cfg.max_length)
+    def _inputs(
+        self, query_docs: Sequence[tuple[str, Sequence[str]]], protected: bool = False
+    ) -> dict[str, torch.Tensor]:
+        return encode_batch(
+            self.encoder, self.pad_id, query_docs, self.cfg.max_length, with_protected=protected
+        )
+
+    def _pruned(
+        self, module: TrainableReranker, inputs: dict[str, torch.Tensor], protected: torch.Tensor
+    ) -> torch.Tensor:
+        """Full-depth scores with `self.keep`'s token pruning (and so the horizontal LoRA):
+        exactly what the engine computes for a request with that keep ratio."""
+        return module.model.forward_pruned(**inputs, keep=self.keep, protected=protected)
 
     def _autocast(self) -> Any:
         return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cfg.bf16)
@@ -390,8 +497,15 @@ class Trainer:
     def _loss(self, groups: list[Group]) -> tuple[torch.Tensor, dict[str, float]]:
         cfg, data = self.cfg, self.data
         b, g = len(groups), 1 + cfg.negatives
-        inputs = self._inputs([(gr.query, [data.corpus[d] for d in gr.doc_ids]) for gr in groups])
+        inputs = self._inputs(
+            [(gr.query, [data.corpus[d] for d in gr.doc_ids]) for gr in groups],
+            protected=bool(self.keep),
+        )
+        protected = inputs.pop("protected", None)
+        pruned: torch.Tensor | None = None
         with self._autocast():
+            if protected is not None:
+                pruned = self._pruned(self.module, inputs, protected).float().view(b, g)
             if cfg.mode == "matryoshka":
                 all_depths = self.module.forward_depths(**inputs).float().view(-1, b, g)
                 scores = all_depths[-1]
@@ -426,6 +540,10 @@ class Trainer:
                 for i in range(all_depths.shape[0] - 1)
             )
             parts["cascade"] = cfg.cascade_weight * cascade
+            if pruned is not None:  # pruning learns from the unpruned full depth
+                parts["horizontal"] = cfg.cascade_weight * distill(
+                    cfg.cascade_loss, pruned, scores.detach(), cfg.temperature
+                )
             if cfg.depth_ce_weight > 0:
                 subs = [listwise_ce(all_depths[i]) for i in range(all_depths.shape[0] - 1)]
                 parts["depth_ce"] = cfg.depth_ce_weight * sum(subs) / len(subs)
@@ -443,26 +561,35 @@ class Trainer:
             return {}
         module.eval()
         depths = module.depths if with_depths else []
+        pruned = bool(self.keep) and module is self.module
         runs: dict[str, dict[str, list[str]]] = {}
-        labels = [f"depth{k}" for k in depths] + ["full"]
+        labels = [f"depth{k}" for k in depths] + ["full"] + (["pruned"] if pruned else [])
         for qid in data.dev_qids:
             docs = data.candidates.get(qid, [])[: self.cfg.dev_candidates]
             if not docs:
                 for name in labels:
                     runs.setdefault(name, {})[qid] = []
                 continue
-            inputs = self._inputs([(data.queries[qid], [data.corpus[d] for d in docs])])
+            inputs = self._inputs(
+                [(data.queries[qid], [data.corpus[d] for d in docs])], protected=pruned
+            )
+            protected = inputs.pop("protected", None)
             with self._autocast():
                 if depths:
                     rows = module.forward_depths(**inputs).float()
                 else:
                     rows = module(**inputs).float()[None]
+                if protected is not None:
+                    keep = self._pruned(module, inputs, protected).float()
+                    rows = torch.cat([rows, keep[None]])
             for name, row in zip(labels, rows.numpy(), strict=True):
                 order = np.argsort(-row, kind="stable")
                 runs.setdefault(name, {})[qid] = [docs[i] for i in order]
         module.train()
         out = {name: evaluate(run, data.qrels, DEV_METRICS).means for name, run in runs.items()}
         result: dict[str, Any] = out.pop("full")
+        if pruned:  # the full depth at keep ratio `lora_horizontal`
+            result["pruned"] = out.pop("pruned")
         if out:
             result["depths"] = out
         return result
@@ -486,6 +613,8 @@ class Trainer:
             "last_dev": state.last_dev,
             "seed": self.cfg.seed,
             "data": self.data.stats(),
+            # tokens per pair it learned on: the serving default (`Reranker`, max_length 0)
+            "max_length": self.cfg.max_length,
         }
         save_model_folder(self.out, self.module, self.template, info, {"rerankd_step": step})
         self.template = self.out

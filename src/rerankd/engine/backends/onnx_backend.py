@@ -150,6 +150,8 @@ class OnnxBackend(Backend):
 
     `depth` (early exit) is served from one more cached graph per depth, exported on first
     use: expect a one-off delay of a few seconds the first time a new depth is requested.
+    A Matryoshka checkpoint's LoRA compensation for that depth is folded into the graph's
+    weights (`CrossEncoder.merged`); token pruning (and so horizontal LoRA) is torch-only.
     """
 
     def __init__(
@@ -246,6 +248,13 @@ def cache_entry(
 ) -> tuple[Path, dict[str, Any]]:
     """The cache folder for this checkpoint and these settings, and the settings."""
     settings = export_settings(precision, depth, reduce_range)
+    from rerankd.engine.loading import lora_meta
+
+    lora = lora_meta(folder)
+    if lora is not None:
+        # LoRA's alpha lives in rerankd.json, which the fingerprint (weights and config)
+        # does not read; the tensors themselves are in the hashed safetensors.
+        settings["lora"] = lora
     key = fingerprint(folder, extra=json.dumps(settings, sort_keys=True))
     return cache_dir / key, settings
 
@@ -330,6 +339,11 @@ def _export(folder: Path, model: nn.Module | None, depth: int | None, tmp: Path)
         from rerankd.engine.loading import load_cross_encoder
 
         model = load_cross_encoder(folder)
+    if depth is not None and getattr(model, "lora_spec", None) is not None:
+        # The depth's LoRA folded into the weights: a graph has its depth fixed, so the
+        # compensation costs nothing at run time (traced unmerged it adds two MatMuls per
+        # adapted linear) and int8 quantizes the merged MatMuls. The full depth uses none.
+        model = model.merged(depth)  # type: ignore[operator]
     module = _Graph(model, depth)
     probe = _probe_inputs(model.config.vocab_size, model.config.type_vocab_size)
     dynamic = {name: {0: "batch", 1: "sequence"} for name in INPUT_NAMES}

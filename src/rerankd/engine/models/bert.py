@@ -3,12 +3,44 @@
 Our own module rather than `transformers`' so that the serving path has no dependency on
 it, exports cleanly to ONNX, and can later run at a chosen depth. Parameter names follow
 the Hugging Face checkpoints (`bert.encoder.layer.N...`) so weights load one-to-one.
+
+LoRA compensation (Matryoshka checkpoints)
+------------------------------------------
+A model run at depth k < L, or with tokens pruned, is a sub-network the full model's weights
+were not trained for. A Matryoshka checkpoint may carry low-rank updates that compensate
+(the Matryoshka Re-Ranker's "vertical" and "horizontal" LoRA), stored beside the base
+weights in the same safetensors under rerankd names:
+
+    lora_depth{k}.layer{i}.{T}.A   [r, in_features]    vertical: depth k (1 <= k < L), i < k
+    lora_depth{k}.layer{i}.{T}.B   [out_features, r]
+    lora_keep.layer{i}.{T}.A       [r, in_features]    horizontal: token pruning, i < L
+    lora_keep.layer{i}.{T}.B       [out_features, r]
+
+`T` is the path of a linear inside encoder layer i (one of `LORA_TARGETS`, e.g.
+`attention.self.query`, `intermediate.dense`). The linear then computes
+`x (W + (alpha / r) B A)^T + b`; `r` and `alpha` are in `rerankd.json` under
+`matryoshka.lora` (see `rerankd.train.modeling`). Which updates a forward applies:
+
+- `forward(depth=k)`, k < L: the depth-k vertical updates, if the checkpoint has them.
+  The full depth never uses any LoRA, so a compensated checkpoint scores exactly as its
+  base model at full depth.
+- `forward_pruned(keep)` with some ratio < 1: the horizontal updates, plus the vertical
+  updates of depth `len(keep)` when that depth is below L and compensated: the two are
+  summed, as the paper combines them for configurations compressed both ways. (The trainer
+  trains horizontal LoRA at full depth only; the sum at a shallower depth is untrained.)
+
+The updates are applied unmerged (`linear(x) + scale * (x A^T) B^T`) so one set of base
+weights serves every depth; `CrossEncoder.merged` folds one depth's updates into a copy
+for export, where each graph has its depth fixed.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 import re
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +55,173 @@ def _activation(name: str):
     if name in ("gelu_new", "gelu_pytorch_tanh"):
         return lambda x: F.gelu(x, approximate="tanh")
     return F.relu
+
+
+#: Linears inside an encoder layer that LoRA may target: their module paths in `Layer`,
+#: which are also the `{T}` of the tensor names (see the module docstring).
+LORA_TARGETS = (
+    "attention.self.query",
+    "attention.self.key",
+    "attention.self.value",
+    "attention.output.dense",
+    "intermediate.dense",
+    "output.dense",
+)
+#: What `rerankd distill --matryoshka --lora-rank R` compensates unless told otherwise:
+#: the query and value projections (as the LoRA paper), the attention output and the FFN,
+#: where a truncated or pruned stack's activations drift most from the full model's.
+DEFAULT_LORA_TARGETS = (
+    "attention.self.query",
+    "attention.self.value",
+    "attention.output.dense",
+    "intermediate.dense",
+    "output.dense",
+)
+#: `lora_{kind}.layer{i}.{T}.{A|B}` with kind `depth{k}` (vertical) or `keep` (horizontal).
+LORA_NAME = re.compile(r"^lora_(depth\d+|keep)\.layer(\d+)\.(.+)\.(A|B)$")
+#: The horizontal adapter's kind; vertical ones are `depth{k}`.
+KEEP = "keep"
+_DEPTH_KIND = re.compile(r"^depth(\d+)$")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSpec:
+    """A model's LoRA compensation as `rerankd.json` describes it (`matryoshka.lora`)."""
+
+    rank: int
+    alpha: float
+    targets: tuple[str, ...] = ()
+    vertical: tuple[int, ...] = ()
+    horizontal: bool = False
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "rank": self.rank,
+            "alpha": self.alpha,
+            "targets": list(self.targets),
+            "vertical": list(self.vertical),
+            "horizontal": self.horizontal,
+        }
+
+
+class LoraPair(nn.Module):
+    """The low-rank update of one linear: adds `scale * x A^T B^T` to its output."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, scale: float) -> None:
+        super().__init__()
+        self.A = nn.Parameter(torch.zeros(rank, in_features))
+        self.B = nn.Parameter(torch.zeros(out_features, rank))
+        self.scale = scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(x, self.A), self.B) * self.scale
+
+
+class LayerLora(nn.Module):
+    """One encoder layer's LoRA pairs, by target path.
+
+    Each pair is registered under its linear's own path (`attention.self.query` becomes
+    modules `attention` > `self` > `query`), so state-dict names read
+    `lora_{kind}.layer{i}.attention.self.query.A` as the checkpoint format says.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pairs: dict[str, LoraPair] = {}
+
+    def add(self, path: str, pair: LoraPair) -> None:
+        parent: nn.Module = self
+        *dirs, leaf = path.split(".")
+        for name in dirs:
+            if name not in parent._modules:
+                parent.add_module(name, nn.Module())
+            parent = parent._modules[name]  # type: ignore[assignment]
+        parent.add_module(leaf, pair)
+        self.pairs[path] = pair
+
+
+Loras = Sequence[LayerLora]
+
+
+class LoraAdapter(nn.Module):
+    """One configuration's compensation (a depth, or token pruning): `layer{i}` children."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers: dict[int, LayerLora] = {}
+
+    def layer(self, i: int) -> LayerLora:
+        if i not in self.layers:
+            self.layers[i] = LayerLora()
+            self.add_module(f"layer{i}", self.layers[i])
+        return self.layers[i]
+
+
+def _linear(linear: nn.Linear, x: torch.Tensor, lora: Loras, path: str) -> torch.Tensor:
+    """`linear(x)` plus every LoRA update `lora` holds for the linear at `path`."""
+    out = linear(x)
+    for layer_lora in lora:
+        pair = layer_lora.pairs.get(path)
+        if pair is not None:
+            out = out + pair(x)
+    return out
+
+
+def _layer_loras(adapters: Sequence[LoraAdapter], i: int) -> tuple[LayerLora, ...]:
+    return tuple(a.layers[i] for a in adapters if i in a.layers)
+
+
+def lora_layout(names: Iterable[str]) -> dict[str, dict[int, list[str]]]:
+    """`{kind: {layer: [targets]}}` of the LoRA tensor names among `names` (others are
+    ignored); ValueError for a `lora_` name that is not in the format.
+
+    In canonical order (depths ascending, then `keep`; layers ascending; targets as in
+    `LORA_TARGETS`), the order `CrossEncoder.add_lora` registers parameters in, so a
+    model loaded from a checkpoint lists its parameters as the model that was saved.
+    """
+    found: dict[str, dict[int, set[str]]] = {}
+    for name in names:
+        if not name.startswith("lora_"):
+            continue
+        m = LORA_NAME.match(name)
+        if m is None:
+            raise ValueError(
+                f"LoRA tensor {name!r} is not lora_depth{{k}}|lora_keep.layer{{i}}.{{target}}.A|B"
+            )
+        found.setdefault(m.group(1), {}).setdefault(int(m.group(2)), set()).add(m.group(3))
+    rank = {t: n for n, t in enumerate(LORA_TARGETS)}
+    return {
+        kind: {
+            i: sorted(found[kind][i], key=lambda t: (rank.get(t, len(rank)), t))
+            for i in sorted(found[kind])
+        }
+        for kind in sorted(found, key=_kind_order)
+    }
+
+
+def _kind_order(kind: str) -> tuple[bool, int, str]:
+    m = _DEPTH_KIND.match(kind)
+    return (m is None, int(m.group(1)) if m else 0, kind)
+
+
+def fold_lora(
+    weights: Mapping[str, torch.Tensor], kind: str | None, scale: float, prefix: str
+) -> dict[str, torch.Tensor]:
+    """`weights` without LoRA tensors, adapter `kind`'s updates folded into the linears
+    (W + scale B A). `prefix` is the backbone's (`bert` or `roberta`); kind None drops all."""
+    out = {k: v for k, v in weights.items() if not k.startswith("lora_")}
+    if kind is None:
+        return out
+    for i, targets in lora_layout(weights).get(kind, {}).items():
+        for t in targets:
+            a, b = (weights[f"lora_{kind}.layer{i}.{t}.{x}"] for x in "AB")
+            name = f"{prefix}.encoder.layer.{i}.{t}.weight"
+            out[name] = (out[name] + (b @ a) * scale).contiguous()
+    return out
 
 
 class Embeddings(nn.Module):
@@ -62,11 +261,11 @@ class SelfAttention(nn.Module):
         self.key = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.value = nn.Linear(cfg.hidden_size, cfg.hidden_size)
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        return self.attend(x, bias)[0]
+    def forward(self, x: torch.Tensor, bias: torch.Tensor, lora: Loras = ()) -> torch.Tensor:
+        return self.attend(x, bias, lora=lora)[0]
 
     def attend(
-        self, x: torch.Tensor, bias: torch.Tensor, want_cls: bool = False
+        self, x: torch.Tensor, bias: torch.Tensor, want_cls: bool = False, lora: Loras = ()
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Attention output and, with `want_cls`, the attention [CLS] pays to each token
         (mean over heads): the importance token pruning ranks by."""
@@ -75,7 +274,9 @@ class SelfAttention(nn.Module):
         def split(t: torch.Tensor) -> torch.Tensor:
             return t.view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
 
-        q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
+        q = split(_linear(self.query, x, lora, "attention.self.query"))
+        k = split(_linear(self.key, x, lora, "attention.self.key"))
+        v = split(_linear(self.value, x, lora, "attention.self.value"))
         scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.head_dim) + bias
         probs = torch.softmax(scores, dim=-1)
         out = torch.matmul(probs, v).transpose(1, 2).reshape(b, s, h)
@@ -88,8 +289,8 @@ class SelfOutput(nn.Module):
         self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        return self.LayerNorm(self.dense(x) + residual)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor, lora: Loras = ()) -> torch.Tensor:
+        return self.LayerNorm(_linear(self.dense, x, lora, "attention.output.dense") + residual)
 
 
 class Attention(nn.Module):
@@ -98,13 +299,15 @@ class Attention(nn.Module):
         self.self = SelfAttention(cfg)
         self.output = SelfOutput(cfg)
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        return self.output(self.self(x, bias), x)
+    def forward(self, x: torch.Tensor, bias: torch.Tensor, lora: Loras = ()) -> torch.Tensor:
+        return self.output(self.self(x, bias, lora), x, lora)
 
-    def attend(self, x: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out, cls = self.self.attend(x, bias, want_cls=True)
+    def attend(
+        self, x: torch.Tensor, bias: torch.Tensor, lora: Loras = ()
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        out, cls = self.self.attend(x, bias, want_cls=True, lora=lora)
         assert cls is not None
-        return self.output(out, x), cls
+        return self.output(out, x, lora), cls
 
 
 class Intermediate(nn.Module):
@@ -113,8 +316,8 @@ class Intermediate(nn.Module):
         self.dense = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
         self.act = _activation(cfg.hidden_act)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.dense(x))
+    def forward(self, x: torch.Tensor, lora: Loras = ()) -> torch.Tensor:
+        return self.act(_linear(self.dense, x, lora, "intermediate.dense"))
 
 
 class Output(nn.Module):
@@ -123,8 +326,8 @@ class Output(nn.Module):
         self.dense = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        return self.LayerNorm(self.dense(x) + residual)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor, lora: Loras = ()) -> torch.Tensor:
+        return self.LayerNorm(_linear(self.dense, x, lora, "output.dense") + residual)
 
 
 class Layer(nn.Module):
@@ -134,15 +337,15 @@ class Layer(nn.Module):
         self.intermediate = Intermediate(cfg)
         self.output = Output(cfg)
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        a = self.attention(x, bias)
-        return self.output(self.intermediate(a), a)
+    def forward(self, x: torch.Tensor, bias: torch.Tensor, lora: Loras = ()) -> torch.Tensor:
+        a = self.attention(x, bias, lora)
+        return self.output(self.intermediate(a, lora), a, lora)
 
     def forward_with_cls(
-        self, x: torch.Tensor, bias: torch.Tensor
+        self, x: torch.Tensor, bias: torch.Tensor, lora: Loras = ()
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        a, cls = self.attention.attend(x, bias)
-        return self.output(self.intermediate(a), a), cls
+        a, cls = self.attention.attend(x, bias, lora)
+        return self.output(self.intermediate(a, lora), a, lora), cls
 
 
 class Encoder(nn.Module):
@@ -175,11 +378,13 @@ class BertBackbone(nn.Module):
         attention_mask: torch.Tensor,
         token_type_ids: torch.Tensor,
         depth: int | None = None,
+        adapters: Sequence[LoraAdapter] = (),
     ) -> torch.Tensor:
+        """Hidden states after the first `depth` layers, with `adapters`' LoRA updates."""
         x = self.embeddings(input_ids, attention_mask, token_type_ids)
-        bias = _mask_bias(attention_mask, x.dtype)
-        for layer in self.encoder.layer[: depth or len(self.encoder.layer)]:
-            x = layer(x, bias)
+        bias = mask_bias(attention_mask, x.dtype)
+        for i, layer in enumerate(self.encoder.layer[: depth or len(self.encoder.layer)]):
+            x = layer(x, bias, _layer_loras(adapters, i))
         return x
 
     def forward_pruned(
@@ -189,6 +394,7 @@ class BertBackbone(nn.Module):
         token_type_ids: torch.Tensor,
         keep: tuple[float, ...],
         protected: torch.Tensor,
+        adapters: Sequence[LoraAdapter] = (),
     ) -> torch.Tensor:
         """Run `len(keep)` layers; layer i sees only the `keep[i]` share of each pair's
         tokens, chosen by the attention [CLS] paid to them in layer i-1.
@@ -196,6 +402,7 @@ class BertBackbone(nn.Module):
         `protected` (bool, batch x seq) marks tokens never pruned: [CLS], [SEP] and the
         query. `keep[0]` must be 1.0: before layer 1 there is no attention to rank by.
         Returns the hidden states of the kept tokens ([CLS] stays at position 0).
+        `adapters`' LoRA updates apply to every layer they cover.
         """
         x = self.embeddings(input_ids, attention_mask, token_type_ids)
         mask = attention_mask.bool()
@@ -204,11 +411,12 @@ class BertBackbone(nn.Module):
         for i, ratio in enumerate(keep):
             if ratio < 1.0 and cls is not None:
                 x, mask, protected = _prune(x, mask, protected, cls, valid, ratio)
-            x, cls = self.encoder.layer[i].forward_with_cls(x, _mask_bias(mask, x.dtype))
+            layer = self.encoder.layer[i]
+            x, cls = layer.forward_with_cls(x, mask_bias(mask, x.dtype), _layer_loras(adapters, i))
         return x
 
 
-def _mask_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def mask_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Additive mask, broadcast over heads and query positions: 0 keep, -large drop."""
     return (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
 
@@ -252,6 +460,11 @@ class RobertaHead(nn.Module):
         return self.out_proj(torch.tanh(self.dense(hidden[:, 0])))
 
 
+def backbone_prefix(cfg: ModelConfig) -> str:
+    """The backbone's name in checkpoints: `bert` (pooler heads) or `roberta`."""
+    return "bert" if cfg.head == "pooler" else "roberta"
+
+
 DEPTH_HEAD_NAME = re.compile(r"^classifier_depth(\d+)\.(weight|bias)$")
 
 
@@ -271,6 +484,8 @@ class CrossEncoder(nn.Module):
         else:
             self.roberta = BertBackbone(cfg, with_pooler=False)
             self.classifier = RobertaHead(cfg)
+        #: the installed LoRA compensation (None: none), kept in step by `add_lora`
+        self.lora_spec: LoraSpec | None = None
 
     def add_depth_heads(self, depths: list[int]) -> None:
         """Per-depth heads (Matryoshka checkpoints): `classifier_depth{k}` scores the pooled
@@ -289,9 +504,102 @@ class CrossEncoder(nn.Module):
 
     head_depths: tuple[int, ...] = ()
 
+    def add_lora(
+        self, kind: str, layers: Iterable[int], targets: Sequence[str], rank: int, alpha: float
+    ) -> LoraAdapter:
+        """Install LoRA pairs of adapter `kind` (`depth{k}` or `keep`) on `layers` x
+        `targets`, all zeros: B = 0 changes no score until trained or loaded.
+
+        ValueError for anything outside the format (see the module docstring): a depth
+        outside 1..L-1, a layer the configuration does not run, an unknown target, or a
+        rank/alpha other than the model's (one scale for every update).
+        """
+        num_layers = self.config.num_layers
+        m = _DEPTH_KIND.match(kind)
+        if m is not None:
+            limit = int(m.group(1))
+            if not 0 < limit < num_layers:
+                raise ValueError(
+                    f"LoRA for depth {limit} outside 1..{num_layers - 1} "
+                    "(the full depth takes no compensation)"
+                )
+        elif kind == KEEP:
+            limit = num_layers
+        else:
+            raise ValueError(f"LoRA adapter {kind!r} is neither depth{{k}} nor {KEEP!r}")
+        if rank < 1 or not alpha > 0:
+            raise ValueError(f"LoRA needs rank >= 1 and alpha > 0, got {rank} and {alpha}")
+        spec = self.lora_spec or LoraSpec(rank, float(alpha))
+        if (spec.rank, spec.alpha) != (rank, float(alpha)):
+            raise ValueError(
+                f"LoRA rank/alpha {rank}/{alpha} differ from the model's {spec.rank}/{spec.alpha}"
+            )
+        unknown = [t for t in targets if t not in LORA_TARGETS]
+        if unknown:
+            raise ValueError(f"unknown LoRA targets {unknown}; choose from {list(LORA_TARGETS)}")
+        adapter = self._modules.get(f"lora_{kind}")
+        if adapter is None:
+            adapter = LoraAdapter()
+            self.add_module(f"lora_{kind}", adapter)
+        assert isinstance(adapter, LoraAdapter)
+        for i in layers:
+            if not 0 <= i < limit:
+                raise ValueError(f"lora_{kind} covers layers 0..{limit - 1}, got layer {i}")
+            for t in (t for t in LORA_TARGETS if t in targets):  # canonical order
+                linear = self.backbone.encoder.layer[i].get_submodule(t)
+                assert isinstance(linear, nn.Linear)
+                pair = LoraPair(linear.in_features, linear.out_features, rank, spec.scale)
+                adapter.layer(i).add(t, pair.to(linear.weight))
+        used = set(spec.targets) | set(targets)
+        self.lora_spec = dataclasses.replace(
+            spec,
+            targets=tuple(t for t in LORA_TARGETS if t in used),
+            vertical=tuple(sorted(set(spec.vertical) | ({limit} if m else set()))),
+            horizontal=spec.horizontal or kind == KEEP,
+        )
+        return adapter
+
+    def lora_adapters(
+        self, depth: int | None = None, pruned: bool = False
+    ) -> tuple[LoraAdapter, ...]:
+        """The compensation a configuration runs with: depth k's vertical adapter (k < L),
+        and the horizontal one if tokens are pruned (see the module docstring)."""
+        names = [f"lora_depth{depth}"] if depth and depth < self.config.num_layers else []
+        if pruned:
+            names.append(f"lora_{KEEP}")
+        return tuple(self._modules[n] for n in names if n in self._modules)  # type: ignore[misc]
+
+    def merged(self, depth: int | None) -> CrossEncoder:
+        """A copy without LoRA modules, depth's vertical updates folded into its weights.
+
+        It scores at `depth` exactly as this model does (up to rounding), with one matmul
+        per linear and no LoRA parameters: what the ONNX export traces, since a graph has
+        its depth fixed anyway.
+        """
+        kind = f"depth{depth}" if self.lora_adapters(depth) else None
+        scale = self.lora_spec.scale if self.lora_spec else 1.0
+        state = fold_lora(self.state_dict(), kind, scale, backbone_prefix(self.config))
+        out = copy.deepcopy(self)
+        for name in [n for n in out._modules if n.startswith("lora_")]:
+            del out._modules[name]
+        out.lora_spec = None
+        out.load_state_dict(state)
+        return out
+
     @property
     def backbone(self) -> BertBackbone:
         return self.bert if self.config.head == "pooler" else self.roberta
+
+    def encode(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor,
+        depth: int | None = None,
+    ) -> torch.Tensor:
+        """Hidden states after `depth` layers, with that depth's compensation."""
+        adapters = self.lora_adapters(depth)
+        return self.backbone(input_ids, attention_mask, token_type_ids, depth, adapters)
 
     def forward(
         self,
@@ -300,7 +608,7 @@ class CrossEncoder(nn.Module):
         token_type_ids: torch.Tensor,
         depth: int | None = None,
     ) -> torch.Tensor:
-        hidden = self.backbone(input_ids, attention_mask, token_type_ids, depth)
+        hidden = self.encode(input_ids, attention_mask, token_type_ids, depth)
         return self.head(hidden, depth)
 
     def forward_pruned(
@@ -311,9 +619,11 @@ class CrossEncoder(nn.Module):
         keep: tuple[float, ...],
         protected: torch.Tensor,
     ) -> torch.Tensor:
-        """Logits with per-layer token pruning (see `BertBackbone.forward_pruned`)."""
+        """Logits with per-layer token pruning (see `BertBackbone.forward_pruned`); the
+        horizontal LoRA applies when some ratio is below 1."""
+        adapters = self.lora_adapters(len(keep), pruned=any(r < 1.0 for r in keep))
         hidden = self.backbone.forward_pruned(
-            input_ids, attention_mask, token_type_ids, keep, protected
+            input_ids, attention_mask, token_type_ids, keep, protected, adapters
         )
         return self.head(hidden, len(keep))
 
