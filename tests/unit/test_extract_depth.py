@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -13,8 +14,10 @@ from rerankd.train.modeling import extract_depth
 from tests.helpers import write_tiny_checkpoint
 
 
-def _matryoshka(folder: Path) -> Path:
+def _matryoshka(folder: Path, pooling: str = "cls") -> Path:
     write_tiny_checkpoint(folder, layers=3, hidden=32, heads=2)
+    if pooling != "cls":
+        (folder / "rerankd.json").write_text(json.dumps({"matryoshka": {"pooling": pooling}}))
     weights = load_file(str(folder / "model.safetensors"))
     gen = torch.Generator().manual_seed(1)
     for k in (1, 2):
@@ -24,8 +27,11 @@ def _matryoshka(folder: Path) -> Path:
     return folder
 
 
-def test_extracted_depth_scores_like_the_checkpoint_at_that_depth(tmp_path: Path) -> None:
-    src = _matryoshka(tmp_path / "m")
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_extracted_depth_scores_like_the_checkpoint_at_that_depth(
+    tmp_path: Path, pooling: str
+) -> None:
+    src = _matryoshka(tmp_path / "m", pooling)
     dst = extract_depth(src, 2, tmp_path / "d2")
     full, small = load_cross_encoder(src), load_cross_encoder(dst)
     assert small.config.num_layers == 2
@@ -40,6 +46,11 @@ def test_extracted_depth_scores_like_the_checkpoint_at_that_depth(tmp_path: Path
         got1 = small(ids, mask, types, depth=1)
     assert torch.allclose(want, got, atol=1e-6)
     assert torch.allclose(want1, got1, atol=1e-6)  # the lower depth head is kept
+    assert small.mean_pooled == (frozenset({1, 2}) if pooling == "mean" else frozenset())
+    if pooling == "mean":  # padding is not averaged in: a padded row scores as its unpadded self
+        with torch.no_grad():
+            alone = small(ids[1:2, :9], mask[1:2, :9], types[1:2, :9])
+        assert torch.allclose(alone, got[1:2], atol=1e-5)
 
 
 def test_extract_needs_a_head_for_that_depth(tmp_path: Path) -> None:

@@ -332,6 +332,7 @@ def test_matryoshka_stores_per_depth_heads(tmp_path: Path, beir: Path, model4: P
     assert "classifier_depth4.weight" not in weights and "classifier.weight" in weights
     meta = json.loads((out / "rerankd.json").read_text())["matryoshka"]
     assert meta["depths"] == [1, 2, 3] and meta["heads"]["2"] == "classifier_depth2"
+    assert meta["pooling"] == "mean"
     # The engine serves each depth with its own head: depth k's score equals that head on
     # the pooled [CLS] of layer k, and differs from the full model's head there.
     import torch
@@ -350,9 +351,9 @@ def test_matryoshka_stores_per_depth_heads(tmp_path: Path, beir: Path, model4: P
         types = torch.from_numpy(pair.token_type_ids)[None]
         with torch.inference_mode():
             hidden = model.backbone(ids, torch.ones_like(ids), types, 2)
-            pooled = model.backbone.pooler(hidden)
-            own = model.classifier_depth2(pooled)[0, 0].item()
-            generic = model.classifier(pooled)[0, 0].item()
+            # depth heads read the token mean (the default); the full head the pooled [CLS]
+            own = model.classifier_depth2(hidden.mean(dim=1))[0, 0].item()
+            generic = model.classifier(model.backbone.pooler(hidden))[0, 0].item()
         got = served.rerank("cells", doc, options=RerankOptions(depth=2)).results[0].score
         assert abs(got - own) < 1e-5 and abs(got - generic) > 1e-6
     finally:
@@ -370,6 +371,20 @@ def test_matryoshka_stores_per_depth_heads(tmp_path: Path, beir: Path, model4: P
         rows = module.forward_depths(**inputs)
         assert rows.shape == (4, 1)
         torch.testing.assert_close(rows[-1], module.model(**inputs))
+
+
+def test_cls_pooled_depth_heads_read_the_pooler(tmp_path: Path, beir: Path, model4: Path) -> None:
+    out = tmp_path / "cls"
+    train(_cfg(beir, model4, out, mode="matryoshka", epochs=1, max_steps=1, depth_pooling="cls"))
+    assert json.loads((out / "rerankd.json").read_text())["matryoshka"]["pooling"] == "cls"
+    model = load_cross_encoder(out)
+    assert model.mean_pooled == frozenset()
+    ids = torch.tensor([[101, 2054, 2515, 102, 4937, 102]])
+    mask, types = torch.ones_like(ids), torch.tensor([[0, 0, 0, 0, 1, 1]])
+    with torch.no_grad():
+        hidden = model.backbone(ids, mask, types, 2)
+        want = model.classifier_depth2(model.backbone.pooler(hidden))[:, 0]
+        torch.testing.assert_close(model(ids, mask, types, depth=2), want)
 
 
 def _depth_scores(out: Path) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
@@ -420,7 +435,7 @@ def test_matryoshka_lora_trains_what_the_engine_serves(
     with torch.no_grad():
         with_lora = engine(**inputs, depth=2)
         hidden = engine.backbone(**inputs, depth=2)
-        without = engine.head(hidden, 2)
+        without = engine.head(hidden, 2, inputs["attention_mask"])
     assert not torch.allclose(with_lora, without, atol=1e-7)
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from rerankd.engine.checkpoint import read_weights
-from rerankd.engine.models.bert import DEPTH_HEAD_NAME, CrossEncoder, lora_layout
+from rerankd.engine.models.bert import DEPTH_HEAD_NAME, MEAN_POOLING, CrossEncoder, lora_layout
 from rerankd.engine.models.config import ModelConfig
 from rerankd.engine.models.jina import JinaCrossEncoder
 from rerankd.errors import ModelLoadError
@@ -42,6 +42,8 @@ def load_cross_encoder(folder: Path) -> CrossEncoder | JinaCrossEncoder:
         except ValueError as exc:
             raise ModelLoadError(f"{folder}: {exc}") from exc
     install_lora(model, weights, folder)
+    if isinstance(model, CrossEncoder):
+        model.mean_pooled = mean_pooled_depths(folder, cfg, depths)
     try:
         missing, unexpected = model.load_state_dict(weights, strict=False)
     except RuntimeError as exc:  # a tensor of the wrong shape; torch's message names it
@@ -56,17 +58,41 @@ def load_cross_encoder(folder: Path) -> CrossEncoder | JinaCrossEncoder:
     return model.eval().requires_grad_(False)
 
 
-def lora_meta(folder: Path) -> dict[str, Any] | None:
-    """`matryoshka.lora` of the folder's rerankd.json: rank, alpha, targets, vertical,
-    horizontal (None where the folder describes no LoRA)."""
+def _rerankd_meta(folder: Path) -> dict[str, Any]:
     path = folder / "rerankd.json"
     if not path.is_file():
-        return None
+        return {}
     try:
         meta = json.loads(path.read_text())
     except ValueError as exc:
         raise ModelLoadError(f"{path} is not valid JSON: {exc}") from exc
-    lora = (meta.get("matryoshka") or {}).get("lora") if isinstance(meta, dict) else None
+    return meta if isinstance(meta, dict) else {}
+
+
+def mean_pooled_depths(folder: Path, cfg: ModelConfig, depths: list[int]) -> frozenset[int]:
+    """The depths whose head reads the token mean (`models.bert.MEAN_POOLING`):
+    rerankd.json's `matryoshka.pooling` covers the per-depth heads, `head_pooling` the
+    model's own head (an extracted sub-model). Absent: the pooled [CLS], as in HF."""
+    meta = _rerankd_meta(folder)
+    out: set[int] = set()
+    pooling = (meta.get("matryoshka") or {}).get("pooling", "cls")
+    for key, value, covers in (
+        ("matryoshka.pooling", pooling, depths),
+        ("head_pooling", meta.get("head_pooling", "cls"), [cfg.num_layers]),
+    ):
+        if value not in ("cls", MEAN_POOLING):
+            raise ModelLoadError(f"{folder}/rerankd.json: {key} must be 'cls' or 'mean'")
+        if value == MEAN_POOLING:
+            if cfg.head != "pooler":
+                raise ModelLoadError(f"{folder}: mean-pooled heads need a BERT (pooler) model")
+            out.update(covers)
+    return frozenset(out)
+
+
+def lora_meta(folder: Path) -> dict[str, Any] | None:
+    """`matryoshka.lora` of the folder's rerankd.json: rank, alpha, targets, vertical,
+    horizontal (None where the folder describes no LoRA)."""
+    lora = (_rerankd_meta(folder).get("matryoshka") or {}).get("lora")
     return lora if isinstance(lora, dict) else None
 
 

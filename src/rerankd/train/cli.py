@@ -182,6 +182,13 @@ def distill_parser() -> argparse.ArgumentParser:
         help="sub-depths to train, e.g. 2 or 2,4 (default: every depth below the full one); "
         "the cascade runs over these and the full depth, other depth heads are dropped",
     )
+    p.add_argument(
+        "--depth-pooling",
+        choices=("mean", "cls"),
+        default="mean",
+        help="what the per-depth heads read: the token mean (default; at shallow depths [CLS] "
+        "barely sees the document) or the pooled [CLS]",
+    )
     lora = p.add_argument_group("LoRA compensation (--matryoshka)")
     lora.add_argument(
         "--lora-rank",
@@ -271,6 +278,7 @@ def main_distill(argv: Sequence[str]) -> int:
             cascade_weight=ns.cascade_weight,
             depth_ce_weight=ns.depth_ce_weight,
             matryoshka_depths=tuple(ns.depths),
+            depth_pooling=ns.depth_pooling,
             lora_rank=ns.lora_rank,
             lora_alpha=ns.lora_alpha,
             lora_targets=ns.lora_targets,
@@ -281,8 +289,8 @@ def main_distill(argv: Sequence[str]) -> int:
     else:
         if not ns.teacher:
             p.error("student distillation needs --teacher (or pass --matryoshka --model)")
-        if any(a.startswith(("--lora-", "--depths")) for a in argv):
-            p.error("the --lora-* and --depths options are for --matryoshka")
+        if any(a.startswith(("--lora-", "--depths", "--depth-pooling")) for a in argv):
+            p.error("the --lora-*, --depths and --depth-pooling options are for --matryoshka")
         explicit = "--student-layers" in argv
         if ns.layer_map and explicit and len(ns.layer_map) != ns.student_layers:
             p.error(

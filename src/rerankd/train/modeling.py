@@ -62,10 +62,11 @@ from rerankd.engine.bundled import PREFIX as BUNDLED_PREFIX
 from rerankd.engine.bundled import backbone_dir
 from rerankd.engine.checkpoint import read_weights
 from rerankd.engine.convert import backbone_to_cross_encoder
-from rerankd.engine.loading import install_lora, lora_meta
+from rerankd.engine.loading import install_lora, lora_meta, mean_pooled_depths
 from rerankd.engine.models.bert import (
     DEPTH_HEAD_NAME,
     KEEP,
+    MEAN_POOLING,
     CrossEncoder,
     backbone_prefix,
     fold_lora,
@@ -163,6 +164,21 @@ class TrainableReranker(nn.Module):
     def head(self, k: int) -> nn.Linear:
         return getattr(self, DEPTH_HEAD.format(k=k))
 
+    @property
+    def pooling(self) -> str:
+        """How the per-depth heads read layer k: "mean" (token mean) or "cls"."""
+        mean = bool(self.depths) and set(self.depths) <= self.model.mean_pooled
+        return MEAN_POOLING if mean else "cls"
+
+    def set_pooling(self, pooling: str) -> None:
+        """Make every per-depth head read the token mean ("mean") or the pooled [CLS]."""
+        if pooling not in ("cls", MEAN_POOLING):
+            raise ValueError(f"depth pooling must be 'cls' or 'mean', got {pooling!r}")
+        full = self.model.mean_pooled & {self.config.num_layers}
+        self.model.mean_pooled = full | (
+            frozenset(self.depths) if pooling == MEAN_POOLING else frozenset()
+        )
+
     def init_heads_from_classifier(self) -> None:
         """Start every depth head as a copy of the full-depth head: a trained model's head
         is a better start than noise, since all depths share the pooler."""
@@ -193,12 +209,12 @@ class TrainableReranker(nn.Module):
         for i, layer in enumerate(bb.encoder.layer, start=1):
             x = layer(x, bias)
             if i in self.depths and not model.lora_adapters(i):
-                rows[i] = self.head(i)(bb.pooler(x))[:, 0]
+                rows[i] = self.head(i)(model.pooled(x, i, attention_mask))[:, 0]
         for k in self.depths:
             if k not in rows:
                 hidden = model.encode(input_ids, attention_mask, token_type_ids, k)
-                rows[k] = self.head(k)(bb.pooler(hidden))[:, 0]
-        full = model.classifier(bb.pooler(x))[:, 0]
+                rows[k] = self.head(k)(model.pooled(hidden, k, attention_mask))[:, 0]
+        full = model.classifier(model.pooled(x, None, attention_mask))[:, 0]
         return torch.stack([rows[k] for k in self.depths] + [full])
 
     def add_lora(
@@ -264,6 +280,7 @@ def load_trainable(folder: Path, depths: Sequence[int] | None = None) -> Trainab
     wanted = have if depths is None else list(depths)
     model = CrossEncoder(cfg)
     install_lora(model, weights, folder)  # the folder's LoRA, if any, is kept and trained
+    model.mean_pooled = mean_pooled_depths(folder, cfg, wanted)
     module = TrainableReranker(model, wanted)
     module.init_heads_from_classifier()  # overwritten below for the heads the folder has
     keep = {k: v for k, v in heads.items() if int(_DEPTH_HEAD_NAME.match(k).group(1)) in wanted}
@@ -359,8 +376,14 @@ def matryoshka_description(module: TrainableReranker) -> dict[str, Any]:
             "weight": f"{DEPTH_HEAD}.weight [{cfg.num_labels}, {cfg.hidden_size}]",
             "bias": f"{DEPTH_HEAD}.bias [{cfg.num_labels}]",
         },
-        "score": "classifier_depth{k}(tanh(bert.pooler.dense(h_k[:, 0])))[:, 0], h_k = hidden "
-        "state after the first k encoder layers; depth num_layers uses classifier.*",
+        "pooling": module.pooling,
+        "score": (
+            "classifier_depth{k}(mean over unmasked tokens of h_k)[:, 0]"
+            if module.pooling == MEAN_POOLING
+            else "classifier_depth{k}(tanh(bert.pooler.dense(h_k[:, 0])))[:, 0]"
+        )
+        + ", h_k = hidden state after the first k encoder layers (with depth k's LoRA, if "
+        "any); depth num_layers uses classifier.* on the pooled [CLS]",
         "lora": lora_description(module.model),
     }
 
@@ -481,7 +504,11 @@ def extract_depth(model: Path, depth: int, dst: Path) -> Path:
         if (model / "rerankd.json").exists()
         else {}
     )
-    write_json(
-        dst / "rerankd.json", {"extracted_from": str(model), "depth": depth, "source_meta": meta}
-    )
+    pooling = (meta.get("matryoshka") or {}).get("pooling", "cls")
+    extracted: dict[str, Any] = {"extracted_from": str(model), "depth": depth}
+    if pooling == MEAN_POOLING:  # its own head and any kept lower heads read the token mean
+        extracted |= {"head_pooling": MEAN_POOLING, "matryoshka": {"pooling": MEAN_POOLING}}
+    if "max_length" in meta:
+        extracted["max_length"] = meta["max_length"]
+    write_json(dst / "rerankd.json", extracted | {"source_meta": meta})
     return dst

@@ -147,6 +147,10 @@ class TrainConfig:
     #: from the full model directly; fewer depths also cost less (with vertical LoRA each
     #: trained depth k is a k-layer pass of its own). Heads of other depths are dropped.
     matryoshka_depths: tuple[int, ...] = ()
+    #: what the per-depth heads read: "mean" (token mean) or "cls" (pooled [CLS], as the
+    #: full depth). Mean by default: at shallow depths [CLS] barely sees the document
+    #: (`rerankd.engine.models.bert.MEAN_POOLING`)
+    depth_pooling: str = "mean"
     #: LoRA compensation (matryoshka): rank (0 = none), alpha (None = 2 x rank), targets
     lora_rank: int = 0
     lora_alpha: float | None = None
@@ -248,6 +252,10 @@ class TrainConfig:
             raise TrainingError("max_minutes must be > 0")
 
     def _validate_depths(self) -> None:
+        if self.depth_pooling not in ("cls", "mean"):
+            raise TrainingError(
+                f"depth_pooling must be 'cls' or 'mean', got {self.depth_pooling!r}"
+            )
         if self.matryoshka_depths and self.mode != "matryoshka":
             raise TrainingError("matryoshka depths are for Matryoshka distillation")
         if len(set(self.matryoshka_depths)) != len(self.matryoshka_depths):
@@ -437,6 +445,8 @@ class Trainer:
                     )
             self.module = load_trainable(init, depths=depths)
             self.template = init
+            if cfg.mode == "matryoshka":
+                self.module.set_pooling(cfg.depth_pooling)
             if cfg.lora_rank:
                 if self.module.model.lora_spec is not None:
                     raise TrainingError(

@@ -57,6 +57,15 @@ def _activation(name: str):
     return F.relu
 
 
+#: Pooling of a head that reads the mean of the token states: `rerankd.json`'s
+#: `matryoshka.pooling` for the per-depth heads, `head_pooling` for the model's own head.
+#: Why: in the first layers of MiniLM-L6 the [CLS] state barely depends on the document
+#: (three unrelated documents gave depth-2 logits within 0.001 of each other), so a depth
+#: head on the pooled [CLS] cannot learn; a linear probe on frozen depth-2 states ranked
+#: SciFact train positives among 7 BM25 negatives at MRR 0.51 from the token mean and 0.34
+#: (random) from [CLS].
+MEAN_POOLING = "mean"
+
 #: Linears inside an encoder layer that LoRA may target: their module paths in `Layer`,
 #: which are also the `{T}` of the tensor names (see the module docstring).
 LORA_TARGETS = (
@@ -395,14 +404,14 @@ class BertBackbone(nn.Module):
         keep: tuple[float, ...],
         protected: torch.Tensor,
         adapters: Sequence[LoraAdapter] = (),
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Run `len(keep)` layers; layer i sees only the `keep[i]` share of each pair's
         tokens, chosen by the attention [CLS] paid to them in layer i-1.
 
         `protected` (bool, batch x seq) marks tokens never pruned: [CLS], [SEP] and the
         query. `keep[0]` must be 1.0: before layer 1 there is no attention to rank by.
-        Returns the hidden states of the kept tokens ([CLS] stays at position 0).
-        `adapters`' LoRA updates apply to every layer they cover.
+        Returns the hidden states of the kept tokens ([CLS] stays at position 0) and their
+        mask. `adapters`' LoRA updates apply to every layer they cover.
         """
         x = self.embeddings(input_ids, attention_mask, token_type_ids)
         mask = attention_mask.bool()
@@ -413,7 +422,7 @@ class BertBackbone(nn.Module):
                 x, mask, protected = _prune(x, mask, protected, cls, valid, ratio)
             layer = self.encoder.layer[i]
             x, cls = layer.forward_with_cls(x, mask_bias(mask, x.dtype), _layer_loras(adapters, i))
-        return x
+        return x, mask
 
 
 def mask_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -486,6 +495,9 @@ class CrossEncoder(nn.Module):
             self.classifier = RobertaHead(cfg)
         #: the installed LoRA compensation (None: none), kept in step by `add_lora`
         self.lora_spec: LoraSpec | None = None
+        #: depths whose head reads the mean of the token states instead of the pooled [CLS]
+        #: (`MEAN_POOLING`); the full depth L is among them only for an extracted sub-model
+        self.mean_pooled: frozenset[int] = frozenset()
 
     def add_depth_heads(self, depths: list[int]) -> None:
         """Per-depth heads (Matryoshka checkpoints): `classifier_depth{k}` scores the pooled
@@ -609,7 +621,7 @@ class CrossEncoder(nn.Module):
         depth: int | None = None,
     ) -> torch.Tensor:
         hidden = self.encode(input_ids, attention_mask, token_type_ids, depth)
-        return self.head(hidden, depth)
+        return self.head(hidden, depth, attention_mask)
 
     def forward_pruned(
         self,
@@ -622,19 +634,33 @@ class CrossEncoder(nn.Module):
         """Logits with per-layer token pruning (see `BertBackbone.forward_pruned`); the
         horizontal LoRA applies when some ratio is below 1."""
         adapters = self.lora_adapters(len(keep), pruned=any(r < 1.0 for r in keep))
-        hidden = self.backbone.forward_pruned(
+        hidden, mask = self.backbone.forward_pruned(
             input_ids, attention_mask, token_type_ids, keep, protected, adapters
         )
-        return self.head(hidden, len(keep))
+        return self.head(hidden, len(keep), mask)
 
-    def head(self, hidden: torch.Tensor, depth: int | None = None) -> torch.Tensor:
-        """The classification head on the first ([CLS]) token of the last layer run: the
-        checkpoint's head for that depth where it has one, else the model's own."""
+    def pooled(
+        self, hidden: torch.Tensor, depth: int | None, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """What the head of `depth` reads: the pooler on [CLS], or for depths in
+        `mean_pooled` the mean of the unmasked token states (see `MEAN_POOLING`)."""
+        if (depth or self.config.num_layers) not in self.mean_pooled:
+            return self.backbone.pooler(hidden)
+        if mask is None:
+            raise ValueError("a mean-pooled head needs the attention mask")
+        m = mask.to(hidden.dtype).unsqueeze(-1)
+        return (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
+
+    def head(
+        self, hidden: torch.Tensor, depth: int | None = None, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The classification head on the last layer run: the checkpoint's head for that
+        depth where it has one, else the model's own, on `pooled`."""
         if self.config.head == "pooler":
             classifier = self.classifier
             if depth in self.head_depths:
                 classifier = getattr(self, f"classifier_depth{depth}")
-            logits = classifier(self.backbone.pooler(hidden))
+            logits = classifier(self.pooled(hidden, depth, mask))
         else:
             logits = self.classifier(hidden)
         return logits[:, 0]
