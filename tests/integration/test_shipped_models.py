@@ -61,6 +61,12 @@ def test_a_passage_past_token_512_counts_only_when_read_whole(reranker) -> None:
     assert reranker.info.default_max_length == 192
     whole = reranker.rerank(QUERY, docs, options=RerankOptions(long_docs=LongDocs.MAX))
     first = reranker.rerank(QUERY, docs, options=RerankOptions(long_docs=LongDocs.TRUNCATE))
-    assert whole.results[0].id == "long", [(r.id, round(r.score, 3)) for r in whole.results]
+    read_whole, read_first = (
+        next(r.score for r in x.results if r.id == "long") for x in (whole, first)
+    )
+    assert read_whole > read_first + 1.0, (read_whole, read_first)  # the passage counts
     assert first.results[0].id != "long", [(r.id, round(r.score, 3)) for r in first.results]
     assert whole.tokens > first.tokens
+    if reranker.name == DEFAULT_RERANKER:  # the default also ranks it above the near misses
+        assert whole.results[0].id == "long", [(r.id, round(r.score, 3)) for r in whole.results]
+    # (rerankd-tiny-l2, two layers, puts one near miss above it: see its model card)

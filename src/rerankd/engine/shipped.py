@@ -1,4 +1,4 @@
-"""rerankd's own trained rerankers, shipped inside the package (`rerankd-minilm-l6`).
+"""rerankd's own trained rerankers, shipped inside the package (`SHIPPED`).
 
 A shipped model is an ordinary cross-encoder folder (config, tokenizer, fp16 safetensors,
 `rerankd.json`, a model card) under `rerankd/models/NAME`, with one difference: the
@@ -23,10 +23,9 @@ from rerankd.errors import ModelLoadError
 if TYPE_CHECKING:  # torch is imported where tensors are touched: naming models stays light
     import torch
 
-#: The shipped rerankers, by the name `--model` accepts. (`rerankd-tiny-l2`, the 2-layer
-#: student, is not shipped yet: 60 steps of distillation on a busy 2-core box left it far
-#: below the first stage; `scripts/build_models.py` has its recipe.)
-SHIPPED = ("rerankd-minilm-l6",)
+#: The shipped rerankers, by the name `--model` accepts: the Matryoshka MiniLM-L6 (the
+#: default) and its depth-2 sub-model as a 2-layer model of its own (`rerankd-tiny-l2`).
+SHIPPED = ("rerankd-minilm-l6", "rerankd-tiny-l2")
 #: What `rerankd serve`, `make demo` and `rerankd eval` serve unless told otherwise.
 DEFAULT_RERANKER = "rerankd-minilm-l6"
 #: The key in `rerankd.json` listing tensors read from elsewhere.
