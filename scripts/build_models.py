@@ -325,8 +325,7 @@ def main() -> int:
     p.add_argument("--build", type=Path, default=REPO / "build" / "models")
     p.add_argument("--data", type=Path, default=DATA)
     p.add_argument("--stages", default=",".join(STAGES))
-    # rerankd-tiny-l2 is opt-in until it ships (see rerankd.engine.shipped.SHIPPED)
-    p.add_argument("--models", default="rerankd-minilm-l6")
+    p.add_argument("--models", default=",".join(RECIPES))
     ns = p.parse_args()
     stages = [s for s in ns.stages.split(",") if s]
     names = [n for n in ns.models.split(",") if n]
