@@ -252,7 +252,7 @@ def card(build: Path, name: str) -> str:
         "## Measured (NDCG@10 of the top-100 candidates reranked; first stage: hybrid in "
         "embedded Qdrant, or the given run)",
         "",
-        "| set | first stage | model alone | fused (hybrid_search default) | by depth (alone) "
+        "| set | first stage | model alone | fused (hybrid_search default) | by depth "
         "| rerank p50 ms |",
         "|---|---|---|---|---|---|",
     ]
@@ -283,7 +283,7 @@ def card(build: Path, name: str) -> str:
         if gap("full+fusion") < -0.005:
             fused_short.append(f"{ds} ({gap('full+fusion'):+.3f})")
         depth_parts = [
-            f"{k}: {nd(k)} (rho {c['spearman_vs_full']:.2f})"
+            f"{k}: {nd(k)} (rho {c['spearman_vs_full']:.2f}; fused {nd(k + '+fusion')})"
             for k, c in cfgs.items()
             if k.startswith("d") and "+" not in k and c.get("spearman_vs_full") is not None
         ]
