@@ -8,7 +8,6 @@ and LoRA compensation (`lora_depth{k}.*`, `lora_keep.*`, see `models.bert`).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,14 @@ from typing import Any
 import torch
 
 from rerankd.engine.checkpoint import read_weights
-from rerankd.engine.models.bert import DEPTH_HEAD_NAME, MEAN_POOLING, CrossEncoder, lora_layout
+from rerankd.engine.model_meta import read_meta
+from rerankd.engine.models.bert import (
+    DEPTH_HEAD_NAME,
+    MEAN_POOLING,
+    CrossEncoder,
+    backbone_prefix,
+    lora_layout,
+)
 from rerankd.engine.models.config import ModelConfig
 from rerankd.engine.models.jina import JinaCrossEncoder
 from rerankd.errors import ModelLoadError
@@ -27,7 +33,7 @@ def load_cross_encoder(folder: Path) -> CrossEncoder | JinaCrossEncoder:
     cfg = ModelConfig.from_file(folder / "config.json")
     model = JinaCrossEncoder(cfg) if cfg.family == "jina" else CrossEncoder(cfg)
     weights = read_weights(folder)
-    prefix = "bert." if cfg.head == "pooler" else "roberta."
+    prefix = backbone_prefix(cfg) + "."
     if not any(k.startswith(prefix) for k in weights):
         raise ModelLoadError(
             f"{folder} holds a bare encoder (no {prefix!r} tensors and no classifier); "
@@ -58,22 +64,11 @@ def load_cross_encoder(folder: Path) -> CrossEncoder | JinaCrossEncoder:
     return model.eval().requires_grad_(False)
 
 
-def _rerankd_meta(folder: Path) -> dict[str, Any]:
-    path = folder / "rerankd.json"
-    if not path.is_file():
-        return {}
-    try:
-        meta = json.loads(path.read_text())
-    except ValueError as exc:
-        raise ModelLoadError(f"{path} is not valid JSON: {exc}") from exc
-    return meta if isinstance(meta, dict) else {}
-
-
 def mean_pooled_depths(folder: Path, cfg: ModelConfig, depths: list[int]) -> frozenset[int]:
     """The depths whose head reads the token mean (`models.bert.MEAN_POOLING`):
     rerankd.json's `matryoshka.pooling` covers the per-depth heads, `head_pooling` the
     model's own head (an extracted sub-model). Absent: the pooled [CLS], as in HF."""
-    meta = _rerankd_meta(folder)
+    meta = read_meta(folder)
     out: set[int] = set()
     pooling = (meta.get("matryoshka") or {}).get("pooling", "cls")
     for key, value, covers in (
@@ -92,7 +87,7 @@ def mean_pooled_depths(folder: Path, cfg: ModelConfig, depths: list[int]) -> fro
 def lora_meta(folder: Path) -> dict[str, Any] | None:
     """`matryoshka.lora` of the folder's rerankd.json: rank, alpha, targets, vertical,
     horizontal (None where the folder describes no LoRA)."""
-    lora = (_rerankd_meta(folder).get("matryoshka") or {}).get("lora")
+    lora = (read_meta(folder).get("matryoshka") or {}).get("lora")
     return lora if isinstance(lora, dict) else None
 
 

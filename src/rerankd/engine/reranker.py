@@ -7,7 +7,6 @@ event loop while scoring happens in the scheduler's thread.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from concurrent.futures import Future
@@ -20,6 +19,7 @@ from rerankd.engine.backends.base import Backend
 from rerankd.engine.cache import CacheConfig, ScoreCache
 from rerankd.engine.fusion import FusionParams, fuse
 from rerankd.engine.limits import Limits, resolve_keep_schedule, validate_rerank
+from rerankd.engine.model_meta import read_meta
 from rerankd.engine.models.config import ModelConfig
 from rerankd.engine.scheduler import JobResult, Scheduler, SchedulerConfig
 from rerankd.engine.tokenize import EncodedRequest, PairEncoder
@@ -51,11 +51,8 @@ def model_max_length(folder: Path, config: ModelConfig) -> int:
     `max_length` in `rerankd.json` and serving starts from it. Always capped by the
     position table.
     """
-    meta_path = folder / "rerankd.json"
-    trained = 0
-    if meta_path.is_file():
-        value = json.loads(meta_path.read_text()).get("max_length", 0)
-        trained = value if isinstance(value, int) and value > 0 else 0
+    value = read_meta(folder).get("max_length", 0)
+    trained = value if isinstance(value, int) and value > 0 else 0
     return min(trained or DEFAULT_MAX_LENGTH, config.max_length)
 
 

@@ -18,6 +18,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rerankd.engine.model_meta import read_meta
 from rerankd.errors import ModelLoadError
 
 if TYPE_CHECKING:  # torch is imported where tensors are touched: naming models stays light
@@ -73,10 +74,7 @@ def external_tensors(folder: Path) -> dict[str, torch.Tensor]:
 
     Each entry is `{name: {"source": "bundled:NAME", "tensor": name there, "sha256": ...}}`.
     """
-    meta_path = folder / "rerankd.json"
-    if not meta_path.is_file():
-        return {}
-    entries = json.loads(meta_path.read_text()).get(EXTERNAL_KEY) or {}
+    entries = read_meta(folder).get(EXTERNAL_KEY) or {}
     out: dict[str, torch.Tensor] = {}
     for name, ref in entries.items():
         out[name] = _read_external(folder, name, ref)

@@ -63,6 +63,7 @@ from rerankd.engine.bundled import backbone_dir
 from rerankd.engine.checkpoint import read_weights
 from rerankd.engine.convert import backbone_to_cross_encoder
 from rerankd.engine.loading import install_lora, lora_meta, mean_pooled_depths
+from rerankd.engine.model_meta import read_meta
 from rerankd.engine.models.bert import (
     DEPTH_HEAD_NAME,
     KEEP,
@@ -499,11 +500,7 @@ def extract_depth(model: Path, depth: int, dst: Path) -> Path:
     for name in TOKENIZER_FILES:
         if (model / name).exists():
             shutil.copyfile(model / name, dst / name)
-    meta = (
-        json.loads((model / "rerankd.json").read_text())
-        if (model / "rerankd.json").exists()
-        else {}
-    )
+    meta = read_meta(model)
     pooling = (meta.get("matryoshka") or {}).get("pooling", "cls")
     extracted: dict[str, Any] = {"extracted_from": str(model), "depth": depth}
     if pooling == MEAN_POOLING:  # its own head and any kept lower heads read the token mean
