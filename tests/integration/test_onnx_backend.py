@@ -203,3 +203,53 @@ def test_factory_serves_int8_on_the_onnx_backend(
     assert sorted(res.index for res in results) == list(range(len(docs)))
     assert all(np.isfinite(res.score) for res in results)
     assert any((tmp_path / "onnx").glob(f"*/{MODEL_FILE}"))
+
+
+def test_parallel_workers_score_like_one_worker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dl19: list
+) -> None:
+    """Two single-threaded workers sharing one session give the same fp32 scores as one
+    two-threaded worker (fp32 scores do not depend on how pairs are batched)."""
+    from rerankd.engine.factory import load_reranker
+    from rerankd.engine.scheduler import SchedulerConfig
+    from rerankd.types import Document
+
+    monkeypatch.setenv("RERANKD_CACHE", str(tmp_path))
+    query, cands = dl19[0]
+    docs = [Document(i, t) for i, t in cands[:40]]
+    small = SchedulerConfig(max_batch_tokens=512)
+    got = {}
+    for workers, threads in ((1, 2), (2, 1)):
+        r = load_reranker(
+            "bundled:splade-tiny",
+            backend="onnx",
+            precision="fp32",
+            threads=threads,
+            workers=workers,
+            scheduler=small,
+        )
+        try:
+            assert r.scheduler.workers == workers
+            res = r.rerank(query, docs, top_n=0)
+            got[workers] = {x.index: x.score for x in res.results}
+            assert r.scheduler.batches_run >= 2
+        finally:
+            r.close()
+    np.testing.assert_allclose(
+        [got[2][i] for i in range(len(docs))], [got[1][i] for i in range(len(docs))], atol=1e-5
+    )
+
+
+def test_worker_plan() -> None:
+    from rerankd.engine.factory import cpu_cores, plan_workers
+    from rerankd.errors import ModelLoadError
+
+    cores = cpu_cores()
+    assert plan_workers("onnx", 0, 0) == (cores, 1)
+    assert plan_workers("onnx", 4, 0) == (1, 4)  # a thread count alone: one worker
+    assert plan_workers("onnx", 0, 2) == (2, max(1, cores // 2))
+    assert plan_workers("torch", 3, 0) == (1, 3)
+    with pytest.raises(ModelLoadError, match="onnx backend only"):
+        plan_workers("torch", 0, 2)
+    with pytest.raises(ModelLoadError, match=">= 0"):
+        plan_workers("onnx", -1, 0)

@@ -167,3 +167,57 @@ def test_jobs_at_different_depths_never_share_a_batch() -> None:
     sched.close()
     assert sorted(backend.depths[1:], key=str) == [2, None]
     assert backend.batches[1:] == [(3, 1), (3, 1)]
+
+
+def test_pack_min_batches_splits_a_small_request() -> None:
+    lengths = [10, 9, 8, 7, 6]
+    batches = pack(lengths, max_tokens=10_000, max_size=32, min_batches=2)
+    assert [len(b) for b in batches] == [3, 2]
+    assert sorted(i for b in batches for i in b) == list(range(5))
+    # a budget that already splits finer is left alone
+    assert len(pack(lengths, max_tokens=20, max_size=32, min_batches=2)) == 3
+
+
+class ParallelBackendDouble(SumBackendDouble):
+    """Test double taking two batches at once: each call waits at a two-party barrier, so a
+    scheduler that ran batches one at a time would time out instead of passing."""
+
+    parallel_batches = 2
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.barrier = threading.Barrier(2, timeout=5)
+        self.threads: set[str] = set()
+        self.lock = threading.Lock()
+
+    def score(self, batch, depth=None):  # type: ignore[override]
+        with self.lock:
+            self.threads.add(threading.current_thread().name)
+        self.barrier.wait()
+        return super().score(batch, depth)
+
+
+def test_parallel_backend_runs_batches_at_once_and_routes_scores() -> None:
+    backend = ParallelBackendDouble()
+    sched = Scheduler(backend, 0, SchedulerConfig(max_batch_size=64), "t")
+    pairs = [pair(i, i + 1) for i in range(1, 7)]
+    res = sched.submit(pairs).result(10)
+    np.testing.assert_array_equal(res.scores, [2 * i + 1 for i in range(1, 7)])
+    sched.close()
+    assert len(backend.batches) == 2  # six pairs split for the two workers
+    assert len(backend.threads) == 2
+    assert res.inference_s >= 0
+
+
+def test_parallel_backend_failure_fails_the_round_and_keeps_serving() -> None:
+    class Failing(ParallelBackendDouble):
+        def score(self, batch, depth=None):  # type: ignore[override]
+            if batch["input_ids"][0, 0] == 99:
+                raise RuntimeError("boom")
+            return SumBackendDouble.score(self, batch, depth)
+
+    sched = Scheduler(Failing(), 0, SchedulerConfig(), "t")
+    with pytest.raises(Exception, match="inference failed: boom"):
+        sched.submit([pair(99), pair(1)]).result(5)
+    assert sched.submit([pair(2, 3), pair(4)]).result(5).scores.tolist() == [5, 4]
+    sched.close()

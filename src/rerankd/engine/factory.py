@@ -1,12 +1,15 @@
 """Choose a backend for the device and build a ready `Reranker` from a model source.
 
 `backend="auto"` picks torch fp16 on CUDA and ONNX Runtime int8 on CPU (the fastest
-measured path on 2 cores, see bench/); every choice can be overridden.
+measured path on 2 cores, see bench/); every choice can be overridden. On ONNX Runtime the
+cores are spent as parallel single-threaded batch workers (see `scheduler`); torch keeps
+one worker and parallelises inside each batch.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 
 from rerankd.engine.backends.base import Backend
 from rerankd.engine.bundled import resolve_source
@@ -53,6 +56,33 @@ def plan(backend: str, precision: str, device: str) -> tuple[str, str, str]:
     return backend, precision, device
 
 
+def cpu_cores() -> int:
+    """Cores this process may run on (its affinity mask, where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def plan_workers(backend: str, threads: int, workers: int) -> tuple[int, int]:
+    """(batch workers, intra-op threads per worker) for `threads`/`workers` (0 = auto).
+
+    ONNX Runtime: one single-threaded worker per core by default; a given thread count
+    alone keeps one worker with that many threads (the behaviour before workers existed).
+    Torch: one worker (its thread pool is process-wide, so parallel calls would only
+    oversubscribe the cores).
+    """
+    if threads < 0 or workers < 0:
+        raise ModelLoadError(f"threads and workers must be >= 0, got {threads} and {workers}")
+    if backend != "onnx":
+        if workers > 1:
+            raise ModelLoadError("parallel batch workers run on the onnx backend only")
+        return 1, threads
+    if workers == 0:
+        workers = 1 if threads else cpu_cores()
+    return workers, threads or max(1, cpu_cores() // workers)
+
+
 def load_reranker(
     source: str,
     name: str | None = None,
@@ -61,6 +91,7 @@ def load_reranker(
     precision: str = "auto",
     device: str = "auto",
     threads: int = 0,
+    workers: int = 0,
     scheduler: SchedulerConfig | None = None,
     limits: Limits | None = None,
     default_max_length: int = 0,
@@ -70,6 +101,7 @@ def load_reranker(
     folder = resolve_source(source)
     cfg = load_config(folder)
     backend, precision, device = plan(backend, precision, device)
+    workers, threads = plan_workers(backend, threads, workers)
     model = load_cross_encoder(folder)
     impl: Backend
     if backend == "torch":
@@ -81,7 +113,7 @@ def load_reranker(
     else:
         from rerankd.engine.backends.onnx_backend import OnnxBackend
 
-        impl = OnnxBackend(folder, model, precision=precision, threads=threads)
+        impl = OnnxBackend(folder, model, precision=precision, threads=threads, workers=workers)
     encoder = PairEncoder(load_tokenizer(folder), cfg.max_length, cfg.type_vocab_size == 1)
     log.info("loaded %s from %s on %s/%s/%s", name or source, folder, backend, precision, device)
     return Reranker(

@@ -6,6 +6,13 @@ their pairs by length and packs them into batches under a token budget (padding 
 per batch, so similar lengths together waste little), runs the backend and routes each
 score back to its job. A job resolves as soon as its last pair is scored.
 
+A backend that takes several batches at once (`Backend.parallel_batches`, e.g. ONNX Runtime
+with one single-threaded run per core) gets a round's batches from a pool of that many
+threads; routing stays on the worker thread. Why: on two cores, two single-threaded runs of
+~512-token batches scored 5-9% more pairs/s than one two-threaded run of 1,024-token
+batches (MiniLM-L6 and TinyBERT-L2, int8), since small BERT ops pay for every
+cross-thread hand-off.
+
 The queue is bounded in pairs: a submit that would exceed it raises `OverloadedError`
 at once (backpressure), rather than letting latency grow without bound.
 """
@@ -13,10 +20,11 @@ at once (backpressure), rather than letting latency grow without bound.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -43,6 +51,8 @@ class JobResult:
 
     scores: np.ndarray
     queue_s: float
+    #: from the job's first batch starting to its last batch ending (batches that other
+    #: jobs' pairs shared, or that ran in parallel, count once)
     inference_s: float
     tokens: int
     cache_hits: int = 0
@@ -58,18 +68,26 @@ class _Job:
     scores: np.ndarray = field(init=False)
     remaining: int = field(init=False)
     started: float = 0.0
-    inference_s: float = 0.0
+    #: perf_counter span from this job's first batch starting to its last batch ending
+    compute_from: float = float("inf")
+    compute_to: float = 0.0
 
     def __post_init__(self) -> None:
         self.scores = np.zeros(len(self.pairs), dtype=np.float32)
         self.remaining = len(self.pairs)
 
 
-def pack(lengths: list[int], max_tokens: int, max_size: int) -> list[list[int]]:
+def pack(
+    lengths: list[int], max_tokens: int, max_size: int, min_batches: int = 1
+) -> list[list[int]]:
     """Indices grouped into batches: longest first, each under the padded-token budget.
 
-    A pair longer than the budget on its own still gets a batch of one.
+    A pair longer than the budget on its own still gets a batch of one. With
+    `min_batches`, batches hold at most ceil(n / min_batches) pairs, so a small request
+    still splits across that many parallel workers.
     """
+    if min_batches > 1 and lengths:
+        max_size = min(max_size, math.ceil(len(lengths) / min_batches))
     order = sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)
     batches: list[list[int]] = []
     current: list[int] = []
@@ -98,6 +116,12 @@ class Scheduler:
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name=f"rerankd-{name}", daemon=True)
         self.batches_run = 0
+        self.workers = max(1, backend.parallel_batches)
+        self._pool = (
+            ThreadPoolExecutor(self.workers, thread_name_prefix=f"rerankd-{name}-batch")
+            if self.workers > 1
+            else None
+        )
         self._thread.start()
 
     @property
@@ -144,6 +168,8 @@ class Scheduler:
                 self._queued_pairs = 0
             self._cond.notify_all()
         self._thread.join()
+        if self._pool is not None:
+            self._pool.shutdown()
 
     def _take(self) -> list[_Job] | None:
         with self._cond:
@@ -190,31 +216,57 @@ class Scheduler:
     ) -> None:
         refs = [(job, i) for job in jobs for i in range(len(job.pairs))]
         lengths = [len(job.pairs[i]) for job, i in refs]
-        for batch in pack(lengths, self.config.max_batch_tokens, self.config.max_batch_size):
-            members = [refs[k] for k in batch]
-            members = [(job, i) for job, i in members if not job.future.done()]
-            if not members:
-                continue
-            inputs = collate([job.pairs[i] for job, i in members], self.pad_id, keep is not None)
-            t0 = time.perf_counter()
-            scores = (
-                self.backend.score(inputs, depth=depth)
-                if keep is None
-                else self.backend.score_pruned(inputs, keep)
-            )
-            spent = time.perf_counter() - t0
-            self.batches_run += 1
-            for (job, i), score in zip(members, scores, strict=True):
-                job.scores[i] = score
-                job.remaining -= 1
-            for job in {id(j): j for j, _ in members}.values():
-                job.inference_s += spent
-                if job.remaining == 0:
-                    job.future.set_result(
-                        JobResult(
-                            job.scores,
-                            queue_s=job.started - job.enqueued,
-                            inference_s=job.inference_s,
-                            tokens=sum(len(p) for p in job.pairs),
-                        )
+        batches = pack(
+            lengths, self.config.max_batch_tokens, self.config.max_batch_size, self.workers
+        )
+        members = ([refs[k] for k in batch] for batch in batches)
+        if self._pool is None:
+            for batch in members:
+                self._route(batch, *self._score(batch, depth, keep))
+            return
+        pending = {self._pool.submit(self._score, m, depth, keep): m for m in members}
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in done:
+                self._route(pending.pop(fut), *fut.result())
+
+    def _score(
+        self,
+        members: list[tuple[_Job, int]],
+        depth: int | None,
+        keep: tuple[float, ...] | None,
+    ) -> tuple[np.ndarray | None, float, float]:
+        """Scores of one batch and when it started and ended; None if every caller gave up."""
+        if all(job.future.done() for job, _ in members):
+            return None, 0.0, 0.0
+        inputs = collate([job.pairs[i] for job, i in members], self.pad_id, keep is not None)
+        t0 = time.perf_counter()
+        scores = (
+            self.backend.score(inputs, depth=depth)
+            if keep is None
+            else self.backend.score_pruned(inputs, keep)
+        )
+        return scores, t0, time.perf_counter()
+
+    def _route(
+        self, members: list[tuple[_Job, int]], scores: np.ndarray | None, t0: float, t1: float
+    ) -> None:
+        """Hand a batch's scores to their jobs; resolve each job whose last pair this was."""
+        if scores is None:
+            return
+        self.batches_run += 1
+        for (job, i), score in zip(members, scores, strict=True):
+            job.scores[i] = score
+            job.remaining -= 1
+        for job in {id(j): j for j, _ in members}.values():
+            job.compute_from = min(job.compute_from, t0)
+            job.compute_to = max(job.compute_to, t1)
+            if job.remaining == 0 and not job.future.done():
+                job.future.set_result(
+                    JobResult(
+                        job.scores,
+                        queue_s=job.started - job.enqueued,
+                        inference_s=job.compute_to - job.compute_from,
+                        tokens=sum(len(p) for p in job.pairs),
                     )
+                )

@@ -43,6 +43,7 @@ def load_registry(cfg: ServeConfig) -> Registry:
             precision=cfg.precision,
             device=cfg.device,
             threads=cfg.threads,
+            workers=cfg.workers,
             scheduler=SchedulerConfig(
                 cfg.max_batch_tokens, cfg.max_batch_size, cfg.max_queued_pairs
             ),

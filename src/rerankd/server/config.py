@@ -52,7 +52,19 @@ FLAGS: tuple[Flag, ...] = (
     Flag("backend", str, "auto", "auto | torch | onnx (auto: torch on CUDA, onnx on CPU)"),
     Flag("precision", str, "auto", "auto | fp32 | bf16 | fp16 | int8"),
     Flag("device", str, "auto", "auto | cpu | cuda | cuda:N"),
-    Flag("threads", int, 0, "intra-op threads for inference (0 = one per core)"),
+    Flag(
+        "threads",
+        int,
+        0,
+        "intra-op threads per inference worker (0 = cores / workers; torch: one per core)",
+    ),
+    Flag(
+        "workers",
+        int,
+        0,
+        "batches scored at once, onnx backend only (0 = one single-threaded worker per core, "
+        "or 1 when --threads is set)",
+    ),
     Flag(
         "max-length",
         int,
@@ -93,6 +105,7 @@ class ServeConfig:
     precision: str = "auto"
     device: str = "auto"
     threads: int = 0
+    workers: int = 0
     max_length: int = 0
     max_documents: int = 1000
     max_query_chars: int = 8192

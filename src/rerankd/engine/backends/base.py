@@ -27,6 +27,9 @@ class Backend(ABC):
     info: BackendInfo
     #: Whether `score_pruned` is implemented (per-layer token pruning).
     supports_pruning: bool = False
+    #: How many batches the scheduler may score at once, from as many threads. 1 = one at
+    #: a time (the backend parallelises inside each batch).
+    parallel_batches: int = 1
 
     @abstractmethod
     def score(self, batch: dict[str, np.ndarray], depth: int | None = None) -> np.ndarray:

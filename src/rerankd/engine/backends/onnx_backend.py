@@ -161,6 +161,7 @@ class OnnxBackend(Backend):
         *,
         precision: str = "fp32",
         threads: int = 0,
+        workers: int = 1,
         cache_dir: Path | str | None = None,
         reduce_range: bool | None = None,
     ) -> None:
@@ -170,9 +171,14 @@ class OnnxBackend(Backend):
             raise ModelLoadError(
                 f"threads must be >= 0 (0 = ONNX Runtime's default), got {threads}"
             )
+        if workers < 1:
+            raise ModelLoadError(f"workers must be >= 1, got {workers}")
         self.folder = Path(folder)
         self.precision = precision
         self.threads = threads
+        # One session serves every worker: ORT sessions take concurrent `run` calls, and
+        # with one intra-op thread each call runs on its caller's thread.
+        self.parallel_batches = workers
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.reduce_range = default_reduce_range() if reduce_range is None else reduce_range
         self.info = BackendInfo("onnx", precision, "cpu")
