@@ -24,7 +24,10 @@ Stages (each prints and runs documented `rerankd` commands; outputs under --buil
    `src/rerankd/models/NAME` (see `rerankd.engine.shipped`).
 5. `eval`: `rerankd eval` on SciFact test, TREC DL 2019, Cranfield and CISI: hybrid first
    stage in embedded Qdrant, rerank at depths, fused and not; JSON + PNG per set.
-6. `card`: the model cards (README.md in each model folder) from the logs and eval JSONs.
+6. `ablation`: what depth-2 self-distillation fixes. The phase-2 weights with every
+   per-depth head dropped (`minilm-l6-nocascade`: depth 2 runs the full model's head on
+   layer 2; no phase 3) are evaluated at depth 2 on the same sets.
+7. `card`: the model cards (README.md in each model folder) from the logs and eval JSONs.
 
 Everything is seeded; training stops at fixed step counts (`--max-steps`), so a rerun on
 other hardware computes the same trajectory (up to floating-point kernel differences).
@@ -44,7 +47,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 MODELS = REPO / "src" / "rerankd" / "models"
-STAGES = ("teacher", "student", "fusion", "publish", "eval", "card")
+STAGES = ("teacher", "student", "fusion", "publish", "eval", "ablation", "card")
 WORDS = "bert.embeddings.word_embeddings.weight"
 BASE = "bundled:all-minilm-l6-v2"
 SEED = 0
@@ -155,21 +158,61 @@ def publish(build: Path, name: str) -> None:
 
 
 def evaluate(build: Path, name: str, data: Path) -> None:
-    depths = RECIPES[name][2]
-    out = build / "eval"
     for ds in EVAL_SETS:
-        args = [
-            "eval", "--dataset", str(data / ds), "--model", name,
-            "--json", str(out / f"{name}.{ds}.json"), "--plot", str(out / f"{name}.{ds}.png"),
-            "--no-progress",
-        ]  # fmt: skip
-        if ds in EVAL_RUNS:
-            args += ["--run", EVAL_RUNS[ds]]
-        else:
-            args += ["--modes", "hybrid", "--index-dir", str(build / "index" / ds)]
-        if depths:
-            args += ["--depths", ",".join(map(str, depths))]
-        run(args)
+        run(eval_args(build, data, ds, name, name, RECIPES[name][2]))
+
+
+def eval_args(
+    build: Path, data: Path, ds: str, model: str, tag: str, depths: list[int]
+) -> list[str]:
+    """The `rerankd eval` command for one set; its JSON and PNG go to eval/TAG.SET.*."""
+    out = build / "eval"
+    args = [
+        "eval", "--dataset", str(data / ds), "--model", model,
+        "--json", str(out / f"{tag}.{ds}.json"), "--plot", str(out / f"{tag}.{ds}.png"),
+        "--no-progress",
+    ]  # fmt: skip
+    if ds in EVAL_RUNS:
+        args += ["--run", EVAL_RUNS[ds]]
+    else:
+        args += ["--modes", "hybrid", "--index-dir", str(build / "index" / ds)]
+    if depths:
+        args += ["--depths", ",".join(map(str, depths))]
+    return args
+
+
+#: the ablation model's folder under --build and the tag of its eval files
+ABLATION = "minilm-l6-nocascade"
+ABLATION_TAG = "nocascade"
+ABLATION_FILES = (
+    "config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json",
+    "vocab.txt",
+)  # fmt: skip
+
+
+def ablation(build: Path, data: Path) -> None:
+    """The teacher without depth-2 self-distillation, cut at depth 2, on every eval set."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src = build / (RECIPES["rerankd-minilm-l6"][0] + "-phase2")
+    dst = build / ABLATION
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in ABLATION_FILES:
+        if (src / f).exists():
+            shutil.copy2(src / f, dst / f)
+    tensors = load_file(src / "model.safetensors")
+    kept = {k: v for k, v in tensors.items() if not k.startswith("classifier_depth")}
+    save_file(kept, dst / "model.safetensors", metadata={"format": "pt"})
+    meta = {
+        "max_length": json.loads((src / "rerankd.json").read_text()).get("max_length"),
+        "note": "phase-2 weights without per-depth heads: depth k runs the full head on layer k",
+    }
+    (dst / "rerankd.json").write_text(json.dumps(meta) + "\n")
+    print(f"wrote {dst} ({len(tensors) - len(kept)} depth-head tensors dropped)", flush=True)
+    for ds in EVAL_SETS:
+        run(eval_args(build, data, ds, str(dst), ABLATION_TAG, [2]))
 
 
 def _row(report: dict[str, Any]) -> dict[str, Any]:
@@ -217,6 +260,22 @@ def _phase_lines(folder: Path, label: str) -> list[str]:
     return lines
 
 
+def _ablation_figures(build: Path) -> dict[str, dict[str, str]]:
+    """Per set and depth config, the ablation's figures as a card fragment."""
+    out: dict[str, dict[str, str]] = {}
+    for ds in EVAL_SETS:
+        path = build / "eval" / f"{ABLATION_TAG}.{ds}.json"
+        if not path.exists():
+            continue
+        for c in _row(json.loads(path.read_text())).get("configs", []):
+            if c["name"].startswith("d") and c.get("spearman_vs_full") is not None:
+                out.setdefault(ds, {})[c["name"]] = (
+                    f"; without self-distillation {c['metrics']['ndcg@10']:.3f}, "
+                    f"rho {c['spearman_vs_full']:.2f}"
+                )
+    return out
+
+
 def card(build: Path, name: str) -> str:
     """The model card: recipe, data, seed, time, and every measured figure (good or bad)."""
     teacher = build / RECIPES["rerankd-minilm-l6"][0]
@@ -256,6 +315,7 @@ def card(build: Path, name: str) -> str:
         "| rerank p50 ms |",
         "|---|---|---|---|---|---|",
     ]
+    ablated = _ablation_figures(build)
     below_first: list[str] = []  # sets where the model alone is below the first stage
     fused_short: list[str] = []  # sets where fusion loses more than the 0.005 bound
     for ds in EVAL_SETS:
@@ -283,7 +343,9 @@ def card(build: Path, name: str) -> str:
         if gap("full+fusion") < -0.005:
             fused_short.append(f"{ds} ({gap('full+fusion'):+.3f})")
         depth_parts = [
-            f"{k}: {nd(k)} (rho {c['spearman_vs_full']:.2f}; fused {nd(k + '+fusion')})"
+            f"{k}: {nd(k)} (rho {c['spearman_vs_full']:.2f}; fused {nd(k + '+fusion')}"
+            + (ablated.get(ds, {}).get(k, "") if RECIPES[name][1] == "teacher" else "")
+            + ")"
             for k, c in cfgs.items()
             if k.startswith("d") and "+" not in k and c.get("spearman_vs_full") is not None
         ]
@@ -307,8 +369,10 @@ def card(build: Path, name: str) -> str:
         "fusion is what serving uses; it is more than 0.005 below the first stage on: "
         f"{', '.join(fused_short) or 'no set'}. Depth-2 figures and their Spearman with the "
         "full model (rho) show how far the Matryoshka targets (>= 95% of full-depth NDCG, "
-        "rho >= 0.9) are. Latencies were measured while other jobs shared the 2 cores; "
-        "`bench/` has clean speed figures. Each row's exact command is in "
+        'rho >= 0.9) are; "without self-distillation" is the stage `ablation` model '
+        "(the phase-2 weights, per-depth heads dropped, no phase 3) cut at the same depth, "
+        "its rho against its own full depth. Latencies were measured while other jobs "
+        "shared the 2 cores; `bench/` has clean speed figures. Each row's exact command is in "
         "`scripts/build_models.py` (stage `eval`); the JSON and PNG of each run are written "
         "to `build/models/eval/`.",
         "",
@@ -349,6 +413,8 @@ def main() -> int:
                 publish(ns.build, name)
             elif stage == "eval":
                 evaluate(ns.build, name, ns.data)
+            elif stage == "ablation" and RECIPES[name][1] == "teacher":
+                ablation(ns.build, ns.data)
             elif stage == "card":
                 (MODELS / name / "README.md").write_text(card(ns.build, name))
                 print(f"wrote {MODELS / name / 'README.md'}")
