@@ -357,6 +357,11 @@ def card(build: Path, name: str) -> str:
             + " |"
         )
     max_length = json.loads((MODELS / name / "rerankd.json").read_text()).get("max_length")
+    ablation_note = (
+        '; "without self-distillation" is the stage `ablation` model (the phase-2 weights, '
+        "per-depth heads dropped, no phase 3) cut at the same depth, its rho against its own "
+        "full depth"
+    )
     lines += [
         "",
         f"Serving length: {max_length or 512} tokens per pair by default "
@@ -369,9 +374,8 @@ def card(build: Path, name: str) -> str:
         "fusion is what serving uses; it is more than 0.005 below the first stage on: "
         f"{', '.join(fused_short) or 'no set'}. Depth-2 figures and their Spearman with the "
         "full model (rho) show how far the Matryoshka targets (>= 95% of full-depth NDCG, "
-        'rho >= 0.9) are; "without self-distillation" is the stage `ablation` model '
-        "(the phase-2 weights, per-depth heads dropped, no phase 3) cut at the same depth, "
-        "its rho against its own full depth. Latencies were measured while other jobs "
+        f"rho >= 0.9) are{ablation_note if ablated and RECIPES[name][1] == 'teacher' else ''}. "
+        "Latencies were measured while other jobs "
         "shared the 2 cores; `bench/` has clean speed figures. Each row's exact command is in "
         "`scripts/build_models.py` (stage `eval`); the JSON and PNG of each run are written "
         "to `build/models/eval/`.",
