@@ -8,10 +8,11 @@ score back to its job. A job resolves as soon as its last pair is scored.
 
 A backend that takes several batches at once (`Backend.parallel_batches`, e.g. ONNX Runtime
 with one single-threaded run per core) gets a round's batches from a pool of that many
-threads; routing stays on the worker thread. Why: on two cores, two single-threaded runs of
-~512-token batches scored 5-9% more pairs/s than one two-threaded run of 1,024-token
-batches (MiniLM-L6 and TinyBERT-L2, int8), since small BERT ops pay for every
-cross-thread hand-off.
+threads; routing stays on the worker thread. Why: small BERT ops pay for every cross-thread
+hand-off. On two cores, in interleaved A/Bs on the same batches (MiniLM-L6 and TinyBERT-L2,
+int8), two single-threaded runs took 5-9% less time than one two-threaded run in one hour
+and 26-35% less in another, never more; through the sidecar, single-client pairs/s rose
+from 138 to 189 (MiniLM-L6) and from 1,243 to 1,876 (TinyBERT-L2) (bench/README.md).
 
 The queue is bounded in pairs: a submit that would exceed it raises `OverloadedError`
 at once (backpressure), rather than letting latency grow without bound.
