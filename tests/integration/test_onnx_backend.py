@@ -246,8 +246,10 @@ def test_worker_plan() -> None:
 
     cores = cpu_cores()
     assert plan_workers("onnx", 0, 0) == (cores, 1)
-    assert plan_workers("onnx", 4, 0) == (1, 4)  # a thread count alone: one worker
+    assert plan_workers("onnx", 4, 0) == (4, 1)  # the budget, one thread per worker
+    assert plan_workers("onnx", 4, 2) == (2, 2)
     assert plan_workers("onnx", 0, 2) == (2, max(1, cores // 2))
+    assert plan_workers("onnx", 2, 1) == (1, 2)  # one worker with the whole budget
     assert plan_workers("torch", 3, 0) == (1, 3)
     with pytest.raises(ModelLoadError, match="onnx backend only"):
         plan_workers("torch", 0, 2)

@@ -65,12 +65,13 @@ def cpu_cores() -> int:
 
 
 def plan_workers(backend: str, threads: int, workers: int) -> tuple[int, int]:
-    """(batch workers, intra-op threads per worker) for `threads`/`workers` (0 = auto).
+    """(batch workers, intra-op threads per worker) from `threads` and `workers` (0 = auto).
 
-    ONNX Runtime: one single-threaded worker per core by default; a given thread count
-    alone keeps one worker with that many threads (the behaviour before workers existed).
-    Torch: one worker (its thread pool is process-wide, so parallel calls would only
-    oversubscribe the cores).
+    `threads` is the CPU budget for inference in total (0 = every core this process may
+    use; set it to a container's CPU limit, which the affinity mask does not show).
+    ONNX Runtime: one single-threaded worker per thread of that budget by default, or
+    `workers` workers sharing it. Torch: one worker with the whole budget (its thread pool
+    is process-wide, so parallel calls would only oversubscribe the cores).
     """
     if threads < 0 or workers < 0:
         raise ModelLoadError(f"threads and workers must be >= 0, got {threads} and {workers}")
@@ -78,9 +79,9 @@ def plan_workers(backend: str, threads: int, workers: int) -> tuple[int, int]:
         if workers > 1:
             raise ModelLoadError("parallel batch workers run on the onnx backend only")
         return 1, threads
-    if workers == 0:
-        workers = 1 if threads else cpu_cores()
-    return workers, threads or max(1, cpu_cores() // workers)
+    budget = threads or cpu_cores()
+    workers = workers or budget
+    return workers, max(1, budget // workers)
 
 
 def load_reranker(

@@ -56,14 +56,14 @@ FLAGS: tuple[Flag, ...] = (
         "threads",
         int,
         0,
-        "intra-op threads per inference worker (0 = cores / workers; torch: one per core)",
+        "CPU threads for inference in total (0 = every core; set it to a container's CPU limit)",
     ),
     Flag(
         "workers",
         int,
         0,
-        "batches scored at once, onnx backend only (0 = one single-threaded worker per core, "
-        "or 1 when --threads is set)",
+        "batches scored at once, onnx backend only, sharing --threads (0 = one "
+        "single-threaded worker per thread)",
     ),
     Flag(
         "max-length",
