@@ -184,10 +184,6 @@ def eval_args(
 #: the ablation model's folder under --build and the tag of its eval files
 ABLATION = "minilm-l6-nocascade"
 ABLATION_TAG = "nocascade"
-ABLATION_FILES = (
-    "config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json",
-    "vocab.txt",
-)  # fmt: skip
 
 
 def ablation(build: Path, data: Path) -> None:
@@ -196,17 +192,20 @@ def ablation(build: Path, data: Path) -> None:
 
     from safetensors.torch import load_file, save_file
 
+    from rerankd.engine.model_meta import read_meta
+    from rerankd.train.modeling import TOKENIZER_FILES
+
     src = build / (RECIPES["rerankd-minilm-l6"][0] + "-phase2")
     dst = build / ABLATION
     dst.mkdir(parents=True, exist_ok=True)
-    for f in ABLATION_FILES:
+    for f in ("config.json", *TOKENIZER_FILES):
         if (src / f).exists():
             shutil.copy2(src / f, dst / f)
     tensors = load_file(src / "model.safetensors")
     kept = {k: v for k, v in tensors.items() if not k.startswith("classifier_depth")}
     save_file(kept, dst / "model.safetensors", metadata={"format": "pt"})
     meta = {
-        "max_length": json.loads((src / "rerankd.json").read_text()).get("max_length"),
+        "max_length": read_meta(src).get("max_length"),
         "note": "phase-2 weights without per-depth heads: depth k runs the full head on layer k",
     }
     (dst / "rerankd.json").write_text(json.dumps(meta) + "\n")
@@ -315,7 +314,7 @@ def card(build: Path, name: str) -> str:
         "| rerank p50 ms |",
         "|---|---|---|---|---|---|",
     ]
-    ablated = _ablation_figures(build)
+    ablated = _ablation_figures(build) if RECIPES[name][1] == "teacher" else {}
     below_first: list[str] = []  # sets where the model alone is below the first stage
     fused_short: list[str] = []  # sets where fusion loses more than the 0.005 bound
     for ds in EVAL_SETS:
@@ -344,7 +343,7 @@ def card(build: Path, name: str) -> str:
             fused_short.append(f"{ds} ({gap('full+fusion'):+.3f})")
         depth_parts = [
             f"{k}: {nd(k)} (rho {c['spearman_vs_full']:.2f}; fused {nd(k + '+fusion')}"
-            + (ablated.get(ds, {}).get(k, "") if RECIPES[name][1] == "teacher" else "")
+            + ablated.get(ds, {}).get(k, "")
             + ")"
             for k, c in cfgs.items()
             if k.startswith("d") and "+" not in k and c.get("spearman_vs_full") is not None
@@ -374,7 +373,7 @@ def card(build: Path, name: str) -> str:
         "fusion is what serving uses; it is more than 0.005 below the first stage on: "
         f"{', '.join(fused_short) or 'no set'}. Depth-2 figures and their Spearman with the "
         "full model (rho) show how far the Matryoshka targets (>= 95% of full-depth NDCG, "
-        f"rho >= 0.9) are{ablation_note if ablated and RECIPES[name][1] == 'teacher' else ''}. "
+        f"rho >= 0.9) are{ablation_note if ablated else ''}. "
         "Latencies were measured while other jobs "
         "shared the 2 cores; `bench/` has clean speed figures. Each row's exact command is in "
         "`scripts/build_models.py` (stage `eval`); the JSON and PNG of each run are written "
