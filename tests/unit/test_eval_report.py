@@ -23,7 +23,7 @@ import pytest
 from rerankd.client import ModelInfo
 from rerankd.eval import runner
 from rerankd.eval.beir import load_run
-from rerankd.eval.metrics import evaluate
+from rerankd.eval.metrics import evaluate, spearman
 from rerankd.eval.plot import plot_quality_latency
 from rerankd.eval.report import format_table, trec_lines, write_run_files
 from rerankd.eval.runner import (
@@ -33,7 +33,6 @@ from rerankd.eval.runner import (
     main,
     parse_args,
     plan_configs,
-    spearman,
 )
 from rerankd.types import RerankResponse, RerankResult
 

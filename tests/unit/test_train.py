@@ -324,7 +324,11 @@ def test_matryoshka_stores_per_depth_heads(tmp_path: Path, beir: Path, model4: P
     out = tmp_path / "mat"
     res = train(_cfg(beir, model4, out, mode="matryoshka", epochs=1))
     assert "cascade" in res.history[0]["loss_parts"]
-    assert set(res.history[0]["dev"]["depths"]) == {"depth1", "depth2", "depth3"}
+    dev = res.history[0]["dev"]
+    assert set(dev["depths"]) == {"depth1", "depth2", "depth3"}
+    # each cut's order against the full depth's, per dev query; the full depth has none
+    assert all(-1.0 <= m["spearman_vs_full"] <= 1.0 for m in dev["depths"].values())
+    assert "spearman_vs_full" not in dev
     weights = load_file(str(out / "model.safetensors"))
     for k in (1, 2, 3):
         assert weights[f"classifier_depth{k}.weight"].shape == (1, 32)

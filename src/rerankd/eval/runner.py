@@ -68,7 +68,13 @@ from rerankd.eval.beir import (
     split_dev,
     subset,
 )
-from rerankd.eval.metrics import DEFAULT_METRICS, evaluate, parse_metric, threshold_for
+from rerankd.eval.metrics import (
+    DEFAULT_METRICS,
+    evaluate,
+    parse_metric,
+    spearman,
+    threshold_for,
+)
 from rerankd.eval.plot import have_matplotlib, plot_quality_latency
 from rerankd.eval.report import format_table, save_report, write_run_files
 
@@ -208,38 +214,6 @@ class _Rankings:
     first_ms: list[float] = field(default_factory=list)
     records: list[dict[str, Any]] = field(default_factory=list)
     empty: int = 0
-
-
-def _ranks(values: Sequence[float]) -> list[float]:
-    """1-based ranks, ties sharing their average rank."""
-    order = sorted(range(len(values)), key=values.__getitem__)
-    ranks = [0.0] * len(values)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
-            j += 1
-        for k in range(i, j + 1):
-            ranks[order[k]] = (i + j) / 2 + 1
-        i = j + 1
-    return ranks
-
-
-def spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
-    """Spearman's rank correlation of two score lists over the same items (ties get their
-    average rank); None where it is undefined: fewer than two items, or one side constant."""
-    if len(a) != len(b):
-        raise ValueError(f"spearman: {len(a)} scores against {len(b)}")
-    if len(a) < 2:
-        return None
-    ra, rb = _ranks(a), _ranks(b)
-    ma, mb = statistics.fmean(ra), statistics.fmean(rb)
-    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb, strict=True))
-    va = sum((x - ma) ** 2 for x in ra)
-    vb = sum((y - mb) ** 2 for y in rb)
-    if va == 0 or vb == 0:
-        return None
-    return max(-1.0, min(1.0, cov / math.sqrt(va * vb)))
 
 
 def _positive(text: str) -> int:

@@ -54,7 +54,7 @@ from tqdm.auto import tqdm
 
 from rerankd.engine.limits import resolve_keep_schedule
 from rerankd.engine.models.bert import DEFAULT_LORA_TARGETS, LORA_TARGETS
-from rerankd.eval.metrics import evaluate
+from rerankd.eval.metrics import evaluate, spearman
 from rerankd.train.data import (
     Group,
     TrainingData,
@@ -565,7 +565,9 @@ class Trainer:
     @torch.no_grad()
     def _dev(self, module: TrainableReranker, with_depths: bool = True) -> dict[str, Any]:
         """NDCG@10 / MRR@10 of reranking the first stage's top `dev_candidates` for the dev
-        slice of train queries; per depth for Matryoshka models."""
+        slice of train queries; per depth (and pruned) for Matryoshka models, each with its
+        mean per-query Spearman against the full depth's scores: the Matryoshka target is
+        about tracking the full model's order, which NDCG@10 alone does not show."""
         data = self.data
         if not data.dev_qids:
             return {}
@@ -573,7 +575,9 @@ class Trainer:
         depths = module.depths if with_depths else []
         pruned = bool(self.keep) and module is self.module
         runs: dict[str, dict[str, list[str]]] = {}
+        rhos: dict[str, list[float]] = {}
         labels = [f"depth{k}" for k in depths] + ["full"] + (["pruned"] if pruned else [])
+        full = len(depths)
         for qid in data.dev_qids:
             docs = data.candidates.get(qid, [])[: self.cfg.dev_candidates]
             if not docs:
@@ -592,11 +596,17 @@ class Trainer:
                 if protected is not None:
                     keep = self._pruned(module, inputs, protected).float()
                     rows = torch.cat([rows, keep[None]])
-            for name, row in zip(labels, rows.numpy(), strict=True):
+            rows_np = rows.numpy()
+            for k, (name, row) in enumerate(zip(labels, rows_np, strict=True)):
                 order = np.argsort(-row, kind="stable")
                 runs.setdefault(name, {})[qid] = [docs[i] for i in order]
+                rho = spearman(row.tolist(), rows_np[full].tolist()) if k != full else None
+                if rho is not None:
+                    rhos.setdefault(name, []).append(rho)
         module.train()
         out = {name: evaluate(run, data.qrels, DEV_METRICS).means for name, run in runs.items()}
+        for name, values in rhos.items():  # how closely a cut tracks the full model's order
+            out[name]["spearman_vs_full"] = float(np.mean(values))
         result: dict[str, Any] = out.pop("full")
         if pruned:  # the full depth at keep ratio `lora_horizontal`
             result["pruned"] = out.pop("pruned")
