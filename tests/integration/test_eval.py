@@ -354,6 +354,31 @@ def test_depths_on_a_trec_run(sidecar, tmp_path: Path) -> None:
     assert "reranked d1" in table and "reranked full" in table and "rho" in table
 
 
+def test_reference_runs_compare_each_configuration_with_another_models_scores(
+    sidecar, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--reference-runs: against the same model's earlier run, the full model's Spearman is
+    exactly 1 and depth 1's equals its Spearman with the full model of this run; a
+    folder without the row's scores file is refused before any reranking."""
+    root = _dataset("trec-dl-2019")
+    argv = ["--dataset", str(root), "--run", "bm25.top100", "--address", sidecar.address]
+    argv += ["--max-queries", "3", "--candidates", "10", "--max-length", "128", "--depths", "1"]
+    argv += ["--no-progress"]
+    ref = tmp_path / "ref"
+    _run_main([*argv, "--runs-dir", str(ref), "--json", str(tmp_path / "a.json")])
+    table, rep = _run_main(
+        [*argv, "--reference-runs", str(ref), "--json", str(tmp_path / "b.json")]
+    )
+    d1, full = rep["modes"]["run"]["configs"]
+    assert full["spearman_vs_reference"] == pytest.approx(1.0)
+    assert d1["spearman_vs_reference"] == pytest.approx(d1["spearman_vs_full"])
+    assert d1["spearman_reference_queries"] == full["spearman_reference_queries"] == 3
+    assert rep["reference_runs"] == str(ref) and "rho ref" in table
+    assert main([*argv, "--reference-runs", str(tmp_path), "--json", str(tmp_path / "c")]) == 2
+    assert "has no run.scores.jsonl" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
+
+
 def test_depths_and_keep_ratio_on_qdrant(sidecar, scifact: Path, tmp_path: Path) -> None:
     """The DB path: the first stage once per query, then d1, full and full with pruning
     (keep ratio 0.5 from layer 2; depth 1 has nothing to prune, so it is skipped)."""

@@ -39,6 +39,26 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
 
 
+def scores_file(folder: Path, mode: str) -> Path:
+    """Where `write_run_files` puts one row's raw scores (`MODE.scores.jsonl`)."""
+    return folder / f"{_safe(mode)}.scores.jsonl"
+
+
+def read_full_scores(path: Path) -> dict[str, dict[str, float]]:
+    """The full model's raw score per candidate, per query, from a `MODE.scores.jsonl`."""
+    out: dict[str, dict[str, float]] = {}
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            rec = json.loads(line)
+            full = rec.get("scores", {}).get("full")
+            if full is None or len(full) != len(rec.get("ids", ())):
+                raise ValueError(f"{path}:{n}: no full-model score per candidate")
+            out[str(rec["qid"])] = dict(zip(rec["ids"], map(float, full), strict=True))
+    return out
+
+
 def _write_atomic(path: Path, lines: list[str]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(lines), encoding="utf-8")
@@ -69,7 +89,7 @@ def write_run_files(
     prefix = _safe(mode)
     files = {"first_stage": f"{prefix}.first_stage.trec"}
     files.update({name: f"{prefix}.{_safe(name)}.trec" for name in configs})
-    files["scores"] = f"{prefix}.scores.jsonl"
+    files["scores"] = scores_file(folder, mode).name
     first: list[str] = []
     per_config: dict[str, list[str]] = {name: [] for name in configs}
     jsonl: list[str] = []
@@ -110,11 +130,12 @@ def _ms(lat: Mapping[str, float] | None, key: str) -> str:
     return "-" if lat is None or key not in lat else f"{lat[key]:.1f}"
 
 
-def _stages(row: Mapping[str, Any]) -> list[tuple[str, Mapping[str, float], Any, Any]]:
-    """(ranking label, metrics, latency, Spearman) per line of one row: its first stage,
-    then each reranker configuration. A report without configurations (written before
-    they existed) shows its one reranked ranking."""
-    lines = [("first stage", row["first_stage_metrics"], row["latency_ms"]["first_stage"], None)]
+def _stages(row: Mapping[str, Any]) -> list[tuple[str, Mapping[str, float], Any, Any, Any]]:
+    """(ranking label, metrics, latency, Spearman vs full, Spearman vs the reference model)
+    per line of one row: its first stage, then each reranker configuration. A report
+    without configurations (written before they existed) shows its one reranked ranking."""
+    first = row["latency_ms"]["first_stage"]
+    lines = [("first stage", row["first_stage_metrics"], first, None, None)]
     configs = row.get("configs") or [
         {
             "name": "full",
@@ -126,7 +147,8 @@ def _stages(row: Mapping[str, Any]) -> list[tuple[str, Mapping[str, float], Any,
     single = len(configs) == 1
     for c in configs:
         label = "reranked" if single else f"reranked {c['name']}"
-        lines.append((label, c["metrics"], c["latency_ms"], c.get("spearman_vs_full")))
+        rho, ref = c.get("spearman_vs_full"), c.get("spearman_vs_reference")
+        lines.append((label, c["metrics"], c["latency_ms"], rho, ref))
     return lines
 
 
@@ -155,17 +177,22 @@ def format_table(report: Mapping[str, Any]) -> str:
     head = f"{'mode':<7} {'first stage':<{width}} {'ranking':<{rank_w}}"
     head += "".join(f" {metric_header(m):>9}" for m in metrics)
     head += f" {'mean ms':>9} {'p50 ms':>8} {'p99 ms':>8}"
+    with_ref = any(s[4] is not None for per in stages.values() for s in per)
     if with_rho:
         head += f" {'rho':>6}"
+    if with_ref:
+        head += f" {'rho ref':>7}"
     lines += [head, "-" * len(head)]
     for mode, row in rows.items():
-        for i, (stage, values, lat, rho) in enumerate(stages[mode]):
+        for i, (stage, values, lat, rho, ref) in enumerate(stages[mode]):
             left = f"{mode:<7} {row['first_stage']:<{width}}" if i == 0 else " " * (8 + width)
             vals = "".join(f" {values[m]:>9.4f}" for m in metrics)
             line = f"{left} {stage:<{rank_w}}{vals} {_ms(lat, 'mean'):>9} {_ms(lat, 'p50'):>8}"
             line += f" {_ms(lat, 'p99'):>8}"
             if with_rho:
                 line += f" {'-' if rho is None else f'{rho:.3f}':>6}"
+            if with_ref:
+                line += f" {'-' if ref is None else f'{ref:.3f}':>7}"
             lines.append(line.rstrip())
     lines.append("")
     if report["run"]:
@@ -179,6 +206,11 @@ def format_table(report: Mapping[str, Any]) -> str:
         lines.append(
             "rho: mean per-query Spearman correlation of a configuration's scores with the "
             "full model's, over the same candidates"
+        )
+    if with_ref:
+        lines.append(
+            "rho ref: the same against the full scores of the reference model in "
+            f"{report.get('reference_runs')} (e.g. a student against its teacher)"
         )
     took = f"whole run {report['total_seconds']:.1f} s"
     if "index_reused" in report:

@@ -30,7 +30,9 @@ first (or last) against warm caches.
 
 `--plot q.png` draws NDCG@10 against rerank latency per configuration (`rerankd.eval.plot`,
 needs matplotlib); `--runs-dir DIR` writes every ranking as a TREC run plus each query's raw
-scores per configuration as JSONL, to fit a fusion offline (`rerankd.eval.report`).
+scores per configuration as JSONL, to fit a fusion offline (`rerankd.eval.report`);
+`--reference-runs DIR` reads another model's such JSONL and adds each configuration's
+Spearman with that model's full scores (a distilled student against its teacher).
 
 The bundled rerankers (`bundled:NAME`) have untrained heads: their reranked figures are
 expected to be *worse* than the first stage until rerankd ships a trained model. The run
@@ -76,7 +78,13 @@ from rerankd.eval.metrics import (
     threshold_for,
 )
 from rerankd.eval.plot import have_matplotlib, plot_quality_latency
-from rerankd.eval.report import format_table, save_report, write_run_files
+from rerankd.eval.report import (
+    format_table,
+    read_full_scores,
+    save_report,
+    scores_file,
+    write_run_files,
+)
 
 COLLECTION = "rerankd_eval"
 DEFAULT_MODEL = DEFAULT_RERANKER
@@ -115,6 +123,10 @@ class EvalOptions:
     keep_ratios: Sequence[float] = ()
     plot_path: Path | None = None
     runs_dir: Path | None = None
+    #: another model's `--runs-dir` (same dataset and first stage): each configuration's
+    #: Spearman with that model's full-depth scores, e.g. a distilled student against its
+    #: teacher, on the very candidates the teacher scored
+    reference_runs: Path | None = None
     #: also rank by the model's fitted fusion with the first stage, where it ships one
     fusion: bool = True
     #: evaluate only the held-apart dev slice `rerankd train --dev-queries N --seed S` kept
@@ -345,6 +357,13 @@ def build_parser() -> argparse.ArgumentParser:
         "candidates with first-stage and raw reranker scores per configuration "
         "(MODE.scores.jsonl)",
     )
+    p.add_argument(
+        "--reference-runs",
+        type=Path,
+        help="another model's --runs-dir on the same dataset and first stage: also report "
+        "each configuration's Spearman with that model's full scores (a student against "
+        "its teacher)",
+    )
     return p
 
 
@@ -396,6 +415,7 @@ def parse_args(argv: Sequence[str] | None = None) -> EvalOptions:
         keep_ratios=ns.keep_ratios,
         plot_path=ns.plot_path,
         runs_dir=ns.runs_dir,
+        reference_runs=ns.reference_runs,
         fusion=not ns.no_fusion,
         dev_queries=ns.dev_queries,
         dev_seed=ns.dev_seed,
@@ -681,6 +701,9 @@ def _finish_row(
     configs: Sequence[RerankConfig],
 ) -> None:
     """Store a finished row; write its run files and the JSON so far, where asked."""
+    if opts.reference_runs is not None:
+        _compare_reference(row, r, scores_file(opts.reference_runs, key), configs)
+        report["reference_runs"] = str(opts.reference_runs)
     report["modes"][key] = row
     if opts.runs_dir is not None:
         files = write_run_files(opts.runs_dir, key, r.records, [c.name for c in configs])
@@ -688,6 +711,32 @@ def _finish_row(
         report["runs_dir"] = str(opts.runs_dir)
     if opts.json_path:
         save_report(report, opts.json_path)
+
+
+def _compare_reference(
+    row: dict[str, Any], r: _Rankings, path: Path, configs: Sequence[RerankConfig]
+) -> None:
+    """Each configuration's mean per-query Spearman with the reference model's full scores.
+
+    Only queries whose every candidate the reference scored count (their number is in
+    `spearman_reference_queries`): a different first stage shows as a low count, not as a
+    silently smaller sample."""
+    reference = read_full_scores(path)
+    by_name = {c["name"]: c for c in row["configs"]}
+    for cfg in configs:
+        if cfg.fused:
+            continue
+        rhos = []
+        for rec in r.records:
+            ref = reference.get(rec["qid"])
+            if ref is None or any(i not in ref for i in rec["ids"]):
+                continue
+            rho = spearman(rec["scores"][cfg.name], [ref[i] for i in rec["ids"]])
+            if rho is not None:
+                rhos.append(rho)
+        by_name[cfg.name]["spearman_vs_reference"] = statistics.fmean(rhos) if rhos else None
+        by_name[cfg.name]["spearman_reference_queries"] = len(rhos)
+    row["reference_scores"] = str(path)
 
 
 def _notes(opts: EvalOptions, reranker: ModelInfo, metrics: Sequence[str]) -> list[str]:
@@ -730,6 +779,14 @@ def run_eval(opts: EvalOptions) -> dict[str, Any]:
     if not data.queries:
         raise EvalError(f"{full.path} has no judged queries in split {opts.split!r}")
     run = load_run(resolve_run(full.path, opts.run)) if opts.run else None
+    if opts.reference_runs is not None:
+        for mode in ["run"] if run is not None else opts.modes:
+            if not scores_file(opts.reference_runs, mode).is_file():
+                raise EvalError(
+                    f"--reference-runs {opts.reference_runs} has no "
+                    f"{scores_file(opts.reference_runs, mode).name}: pass the --runs-dir of the "
+                    "reference model's eval on the same dataset and first stage"
+                )
     report: dict[str, Any] = {
         "dataset": {
             "name": full.name,
