@@ -157,9 +157,21 @@ def publish(build: Path, name: str) -> None:
     print(f"published {dst} ({(dst / 'model.safetensors').stat().st_size / 1e6:.1f} MB)")
 
 
+def runs_dir(build: Path, name: str, ds: str) -> Path:
+    """Where a shipped model's eval keeps its raw per-query scores (`--runs-dir`)."""
+    return build / "eval" / "runs" / f"{name}.{ds}"
+
+
 def evaluate(build: Path, name: str, data: Path) -> None:
+    """Each set, keeping raw scores; the student is also compared with the teacher's
+    scores on the same candidates (`--reference-runs`: its rho against the teacher)."""
+    teacher = "rerankd-minilm-l6"
     for ds in EVAL_SETS:
-        run(eval_args(build, data, ds, name, name, RECIPES[name][2]))
+        args = eval_args(build, data, ds, name, name, RECIPES[name][2])
+        args += ["--runs-dir", str(runs_dir(build, name, ds))]
+        if RECIPES[name][1] == "student":
+            args += ["--reference-runs", str(runs_dir(build, teacher, ds))]
+        run(args)
 
 
 def eval_args(
@@ -341,7 +353,9 @@ def card(build: Path, name: str) -> str:
             below_first.append(f"{ds} ({gap('full'):+.3f})")
         if gap("full+fusion") < -0.005:
             fused_short.append(f"{ds} ({gap('full+fusion'):+.3f})")
-        depth_parts = [
+        ref = cfgs.get("full", {}).get("spearman_vs_reference")  # a student vs its teacher
+        depth_parts = [f"rho with rerankd-minilm-l6 {ref:.2f}"] if ref is not None else []
+        depth_parts += [
             f"{k}: {nd(k)} (rho {c['spearman_vs_full']:.2f}; fused {nd(k + '+fusion')}"
             + ablated.get(ds, {}).get(k, "")
             + ")"
