@@ -465,6 +465,22 @@ def test_matryoshka_trains_only_the_chosen_depths(tmp_path: Path, beir: Path, mo
         _cfg(beir, model4, tmp_path / "bad2", matryoshka_depths=(2,)).validate()
 
 
+def test_frozen_base_matryoshka_learns_depth_2_from_pseudo_queries(
+    tmp_path: Path, beir: Path, model4: Path
+) -> None:
+    """With the full depth frozen and no label loss at depth 2, nothing learns from labels:
+    pseudo queries add data; with a label loss anywhere they are refused."""
+    kw = {"mode": "matryoshka", "epochs": 1, "lora_rank": 2, "matryoshka_depths": (2,)}
+    kw |= {"query_source": "both", "pseudo_queries": 6}
+    out = tmp_path / "p"
+    res = train(_cfg(beir, model4, out, lora_freeze_base=True, **kw))
+    assert res.history[0]["loss_parts"].keys() == {"cascade"}
+    assert read_log(out)[0]["data"]["pseudo_queries"] == 6
+    for bad in ({"lora_freeze_base": False}, {"lora_freeze_base": True, "depth_ce_weight": 0.5}):
+        with pytest.raises(TrainingError, match="pseudo queries have no labels"):
+            _cfg(beir, model4, tmp_path / "bad", **kw, **bad).validate()
+
+
 def test_fresh_lora_changes_no_score(model4: Path) -> None:
     module = load_trainable(model4, depths=[1, 2, 3]).eval()
     ids = torch.tensor([[101, 2054, 2515, 102, 4937, 102]])

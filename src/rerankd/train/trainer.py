@@ -246,8 +246,15 @@ class TrainConfig:
         )
         if not (uses_labels or uses_teacher):
             raise TrainingError("every loss term is off: set --ce-weight or a teacher")
-        if self.query_source != "train" and self.mode != "student":
-            raise TrainingError("pseudo queries have no labels; they are for student distillation")
+        label_free = self.mode == "student" or (
+            self.mode == "matryoshka" and self.lora_freeze_base and self.depth_ce_weight == 0
+        )
+        if self.query_source != "train" and not label_free:
+            raise TrainingError(
+                "pseudo queries have no labels: they are for student distillation, or for "
+                "--matryoshka with --lora-freeze-base and --depth-ce-weight 0 (the sub-depths "
+                "then learn only the full depth's scores)"
+            )
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise TrainingError("max_minutes must be > 0")
 
@@ -522,7 +529,8 @@ class Trainer:
             else:
                 scores = self.module(**inputs).float().view(b, g)
         parts: dict[str, torch.Tensor] = {}
-        if cfg.ce_weight > 0:
+        # a frozen full depth learns nothing from the labels (and pseudo queries have none)
+        if cfg.ce_weight > 0 and not cfg.lora_freeze_base:
             parts["ce"] = cfg.ce_weight * listwise_ce(scores)
         if data.teacher is not None and cfg.distill_weight > 0:
             t = torch.tensor(
