@@ -104,7 +104,8 @@ def train(build: Path, name: str, data: Path) -> None:
     ):
         resume = ["--resume"] if (dst / "trainer_state.json").exists() else []
         ds = ["--dataset", str(data / "scifact")]
-        run([*recipe, *init, *ds, *COMMON, "--out", str(dst), *resume])
+        # a phase's own flags come after COMMON, so they override it
+        run([recipe[0], *COMMON, *recipe[1:], *init, *ds, "--out", str(dst), *resume])
 
 
 def student(build: Path, name: str) -> None:
