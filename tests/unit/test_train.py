@@ -31,6 +31,7 @@ from rerankd.train.losses import distill, kl_distill, listwise_ce, margin_mse, m
 from rerankd.train.modeling import (
     default_student_layers,
     encode_batch,
+    extract_depth,
     load_trainable,
     pair_encoder,
     student_from_teacher,
@@ -585,6 +586,32 @@ def test_cli_lora_flags(tmp_path: Path, beir: Path, model4: Path) -> None:
         main(["distill", "--teacher", str(model4), "--lora-rank", "2", *tiny])
     with pytest.raises(SystemExit):
         main(["distill", "--matryoshka", "--model", str(model4), "--lora-targets", "x", *tiny])
+
+
+def test_student_can_start_from_an_extracted_depth(
+    tmp_path: Path, beir: Path, model4: Path
+) -> None:
+    """--student-init: the teacher's depth 2 as a model of its own (mean-pooled head) trained
+    further against the teacher; the head's pooling survives, the weights move."""
+    mat = tmp_path / "mat"
+    train(_cfg(beir, model4, mat, mode="matryoshka", epochs=1, matryoshka_depths=(2,)))
+    init = extract_depth(mat, 2, tmp_path / "d2")
+    out = tmp_path / "st"
+    kw = {"mode": "student", "teacher": str(mat), "ce_weight": 0.0, "distill_loss": "margin-mse"}
+    train(_cfg(beir, mat, out, epochs=1, student_init=str(init), **kw))
+    assert read_log(out)[0]["model"]["init"] == str(init)
+    student = load_cross_encoder(out)
+    assert student.config.num_layers == 2 and 2 in student.mean_pooled
+    before = load_file(str(init / "model.safetensors"))
+    after = load_file(str(out / "model.safetensors"))
+    assert not torch.equal(before["classifier.weight"], after["classifier.weight"])
+    with pytest.raises(TrainingError, match="for student distillation"):
+        _cfg(beir, mat, out, mode="matryoshka", student_init=str(init)).validate()
+    from rerankd.cli import main
+
+    argv = ["distill", "--teacher", str(mat), "--student-init", str(init), "--student-layers", "2"]
+    with pytest.raises(SystemExit):
+        main([*argv, "--dataset", str(beir), "--out", str(tmp_path / "x")])
 
 
 def test_student_starts_from_the_chosen_teacher_layers(tmp_path: Path, model4: Path) -> None:

@@ -159,6 +159,11 @@ def distill_parser() -> argparse.ArgumentParser:
         "including the first and last)",
     )
     p.add_argument(
+        "--student-init",
+        help="start the student from this cross-encoder folder instead of teacher layers "
+        "(e.g. the teacher's depth cut as a model of its own, to train it further)",
+    )
+    p.add_argument(
         "--queries",
         choices=("train", "pseudo", "both"),
         default="train",
@@ -292,6 +297,8 @@ def main_distill(argv: Sequence[str]) -> int:
         if any(a.startswith(("--lora-", "--depths", "--depth-pooling")) for a in argv):
             p.error("the --lora-*, --depths and --depth-pooling options are for --matryoshka")
         explicit = "--student-layers" in argv
+        if ns.student_init and (explicit or ns.layer_map):
+            p.error("--student-init gives the student's layers: drop --student-layers/--layer-map")
         if ns.layer_map and explicit and len(ns.layer_map) != ns.student_layers:
             p.error(
                 f"--layer-map names {len(ns.layer_map)} layers, --student-layers says "
@@ -303,6 +310,7 @@ def main_distill(argv: Sequence[str]) -> int:
             teacher=ns.teacher,
             student_num_layers=len(ns.layer_map) if ns.layer_map else ns.student_layers,
             student_layers=ns.layer_map,
+            student_init=ns.student_init,
             query_source=ns.queries,
             pseudo_queries=ns.pseudo_queries if ns.queries != "train" else 0,
             **_config_kwargs(ns),

@@ -359,6 +359,11 @@ def save_model_folder(
     meta_st = {"format": "pt", **(metadata or {})}
     save_safetensors(out / "model.safetensors", module.export_state(), meta_st)
     meta = dict(info)
+    # how the model's own head pools is part of its architecture: an extracted depth trained
+    # further (`--student-init`) keeps its token-mean head
+    head_pooling = read_meta(template).get("head_pooling")
+    if head_pooling is not None:
+        meta.setdefault("head_pooling", head_pooling)
     if module.depths or module.model.lora_spec is not None:
         meta["matryoshka"] = matryoshka_description(module)
     write_json(out / "rerankd.json", meta)

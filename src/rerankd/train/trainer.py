@@ -133,6 +133,8 @@ class TrainConfig:
     #: how many layers the student keeps, and optionally which (teacher layer indices)
     student_num_layers: int = 2
     student_layers: list[int] | None = None
+    #: a cross-encoder folder to start the student from instead of teacher layers
+    student_init: str | None = None
     query_source: str = "train"
     pseudo_queries: int = 0
     # matryoshka
@@ -240,6 +242,8 @@ class TrainConfig:
                 raise TrainingError(f"{name} must be one of {DISTILL_LOSSES}")
         if self.mode == "student" and not self.teacher:
             raise TrainingError("student distillation needs a teacher cross-encoder folder")
+        if self.student_init and self.mode != "student":
+            raise TrainingError("student_init is for student distillation")
         uses_labels = self.ce_weight > 0
         uses_teacher = (self.teacher_scores is not None or self.mode == "student") and (
             self.distill_weight > 0
@@ -428,6 +432,16 @@ class Trainer:
             self.module = load_trainable(self.out)
             self.template = self.out
             info = saved["model_info"]
+        elif teacher_dir is not None and cfg.student_init:
+            init, how = prepare_init(cfg.student_init, workdir / "student", cfg.seed)
+            if how["head"] != "from checkpoint":
+                raise TrainingError(
+                    f"--student-init {cfg.student_init!r} is a bare encoder: pass a "
+                    "cross-encoder folder, or leave it out to start from teacher layers"
+                )
+            self.module = load_trainable(init, depths=[])
+            self.template = init
+            info = {"init": str(cfg.student_init), "head": "from checkpoint"}
         elif teacher_dir is not None:
             tcfg = ModelConfig.from_file(teacher_dir / "config.json")
             layers = cfg.student_layers or default_student_layers(
