@@ -114,12 +114,9 @@ def student(build: Path, name: str) -> None:
     full depth, so it needs no training of its own. (A separate Jina-style student,
     `rerankd distill --teacher ... --student-layers 2`, reached dev NDCG@10 0.21 in 60 steps
     where this sub-model reached 0.54 in one phase-3 epoch.)"""
-    from rerankd.train.modeling import extract_depth
-
     teacher = build / RECIPES["rerankd-minilm-l6"][0]
     out = build / RECIPES[name][0]
-    print(f"+ extract_depth({teacher}, 2, {out})", flush=True)
-    extract_depth(teacher, 2, out)
+    run(["extract-depth", "--model", str(teacher), "--depth", "2", "--out", str(out)])
 
 
 def fit_fusion(build: Path, name: str, data: Path) -> None:

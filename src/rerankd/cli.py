@@ -95,6 +95,12 @@ def _distill(argv: Sequence[str]) -> int:
     return main_distill(argv)
 
 
+def _extract_depth(argv: Sequence[str]) -> int:
+    from rerankd.train.cli import main_extract_depth
+
+    return main_extract_depth(argv)
+
+
 def _fit_fusion(argv: Sequence[str]) -> int:
     from rerankd.train.fusion_fit import main as fit_main
 
@@ -116,6 +122,7 @@ COMMANDS = {
     "convert-backbone": (_convert, "make a cross-encoder checkpoint from a bare encoder"),
     "train": (_train, "fine-tune a cross-encoder on a BEIR train split (hard negatives)"),
     "distill": (_distill, "teacher -> student, or Matryoshka cascaded self-distillation"),
+    "extract-depth": (_extract_depth, "a Matryoshka model's depth cut as a model of its own"),
     "fit-fusion": (_fit_fusion, "fit a model's fusion with the first stage on dev queries"),
 }
 

@@ -31,7 +31,6 @@ from rerankd.train.losses import distill, kl_distill, listwise_ce, margin_mse, m
 from rerankd.train.modeling import (
     default_student_layers,
     encode_batch,
-    extract_depth,
     load_trainable,
     pair_encoder,
     student_from_teacher,
@@ -593,9 +592,13 @@ def test_student_can_start_from_an_extracted_depth(
 ) -> None:
     """--student-init: the teacher's depth 2 as a model of its own (mean-pooled head) trained
     further against the teacher; the head's pooling survives, the weights move."""
+    from rerankd.cli import main
+
     mat = tmp_path / "mat"
     train(_cfg(beir, model4, mat, mode="matryoshka", epochs=1, matryoshka_depths=(2,)))
-    init = extract_depth(mat, 2, tmp_path / "d2")
+    init = tmp_path / "d2"
+    assert main(["extract-depth", "--model", str(mat), "--depth", "2", "--out", str(init)]) == 0
+    assert main(["extract-depth", "--model", str(mat), "--depth", "3", "--out", str(init)]) == 2
     out = tmp_path / "st"
     kw = {"mode": "student", "teacher": str(mat), "ce_weight": 0.0, "distill_loss": "margin-mse"}
     train(_cfg(beir, mat, out, epochs=1, student_init=str(init), **kw))
@@ -607,8 +610,6 @@ def test_student_can_start_from_an_extracted_depth(
     assert not torch.equal(before["classifier.weight"], after["classifier.weight"])
     with pytest.raises(TrainingError, match="for student distillation"):
         _cfg(beir, mat, out, mode="matryoshka", student_init=str(init)).validate()
-    from rerankd.cli import main
-
     argv = ["distill", "--teacher", str(mat), "--student-init", str(init), "--student-layers", "2"]
     with pytest.raises(SystemExit):
         main([*argv, "--dataset", str(beir), "--out", str(tmp_path / "x")])

@@ -316,3 +316,27 @@ def main_distill(argv: Sequence[str]) -> int:
             **_config_kwargs(ns),
         )
     return _run(cfg)
+
+
+def main_extract_depth(argv: Sequence[str]) -> int:
+    """`rerankd extract-depth`: a Matryoshka model's depth cut as a servable model of its own
+    (the starting point of `distill --student-init`, or a small model to ship)."""
+    from rerankd.errors import RerankdError
+    from rerankd.train.modeling import extract_depth
+
+    p = argparse.ArgumentParser(
+        prog="rerankd extract-depth",
+        description="Write the first DEPTH layers of a Matryoshka cross-encoder, with that "
+        "depth's head and LoRA folded in, as a model that scores as the source at DEPTH.",
+    )
+    p.add_argument("--model", type=Path, required=True, help="Matryoshka cross-encoder folder")
+    p.add_argument("--depth", type=_positive_int, required=True, help="layers to keep")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    ns = p.parse_args(argv)
+    try:
+        out = extract_depth(ns.model, ns.depth, ns.out)
+    except (RerankdError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(out)
+    return 0
