@@ -338,7 +338,14 @@ def card(build: Path, name: str) -> str:
         "## Fusion with the first stage (`fusion.json`)",
         f"- weight on the model {fusion['weight']:g}, agreement gate {fusion['gate']:g} "
         "(Spearman of the model's scores with the first-stage order; below it the "
-        "first-stage order is kept)",
+        "first-stage order is kept)"
+        + (
+            ". Weight 0: on the dev queries no fusion beat the first stage by more than one "
+            "standard error, so `hybrid_search` keeps the first-stage order with this model "
+            "(a plain Rerank call still ranks by the model)"
+            if fusion["weight"] == 0
+            else ""
+        ),
         f"- fitted on: {json.dumps(fusion['fitted_on'], sort_keys=True)}",
         "",
         "## Measured (NDCG@10 of the top-100 candidates reranked; first stage: hybrid in "
@@ -385,8 +392,14 @@ def card(build: Path, name: str) -> str:
             if k.startswith("d") and "+" not in k and c.get("spearman_vs_full") is not None
         ]
         p50 = {k: c["latency_ms"]["p50"] for k, c in cfgs.items() if "+" not in k}
+        alone = nd("full")
+        if RECIPES[name][1] == "student":  # beside its teacher's, to read "within 5%"
+            tpath = build / "eval" / f"rerankd-minilm-l6.{ds}.json"
+            if tpath.exists():
+                tcfg = {c["name"]: c for c in _row(json.loads(tpath.read_text()))["configs"]}
+                alone += f" (teacher {tcfg['full']['metrics']['ndcg@10']:.3f})"
         lines.append(
-            f"| {ds_label} | {first:.3f} | {nd('full')} | {nd('full+fusion')} | "
+            f"| {ds_label} | {first:.3f} | {alone} | {nd('full+fusion')} | "
             f"{'; '.join(depth_parts) or '-'} | "
             + ", ".join(f"{k} {v:.0f}" for k, v in p50.items())
             + " |"
