@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -610,6 +611,13 @@ def test_student_can_start_from_an_extracted_depth(
     assert not torch.equal(before["classifier.weight"], after["classifier.weight"])
     with pytest.raises(TrainingError, match="for student distillation"):
         _cfg(beir, mat, out, mode="matryoshka", student_init=str(init)).validate()
+    other = tmp_path / "other"  # a student whose vocabulary differs from the teacher's
+    shutil.copytree(init, other)
+    for name in ("tokenizer.json", "vocab.txt"):
+        if (other / name).exists():
+            (other / name).write_text((other / name).read_text().replace("cat", "kat"))
+    with pytest.raises(TrainingError, match="share the teacher's tokenizer"):
+        train(_cfg(beir, mat, tmp_path / "o", epochs=1, student_init=str(other), **kw))
     argv = ["distill", "--teacher", str(mat), "--student-init", str(init), "--student-layers", "2"]
     with pytest.raises(SystemExit):
         main([*argv, "--dataset", str(beir), "--out", str(tmp_path / "x")])

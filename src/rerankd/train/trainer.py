@@ -439,6 +439,17 @@ class Trainer:
                     f"--student-init {cfg.student_init!r} is a bare encoder: pass a "
                     "cross-encoder folder, or leave it out to start from teacher layers"
                 )
+            # one tokenisation feeds teacher and student: their vocabularies must agree
+            same = [
+                (init / f).read_bytes() == (teacher_dir / f).read_bytes()
+                for f in ("tokenizer.json", "vocab.txt")
+                if (init / f).exists() and (teacher_dir / f).exists()
+            ]
+            if not same or not all(same):
+                raise TrainingError(
+                    f"--student-init {cfg.student_init!r} does not share the teacher's "
+                    "tokenizer: start from a model with the teacher's vocabulary"
+                )
             self.module = load_trainable(init, depths=[])
             self.template = init
             info = {"init": str(cfg.student_init), "head": "from checkpoint"}
