@@ -603,7 +603,15 @@ def test_student_can_start_from_an_extracted_depth(
     out = tmp_path / "st"
     kw = {"mode": "student", "teacher": str(mat), "ce_weight": 0.0, "distill_loss": "margin-mse"}
     train(_cfg(beir, mat, out, epochs=1, student_init=str(init), **kw))
-    assert read_log(out)[0]["model"]["init"] == str(init)
+    log = read_log(out)
+    assert log[0]["model"]["init"] == str(init)
+    # the dev log says how closely the student's order tracks the teacher's
+    devs = [e["dev"] for e in log if "dev" in e]
+    assert -1.0 <= devs[0]["model"]["spearman_vs_teacher"] <= 1.0
+    assert "spearman_vs_teacher" not in devs[0]["teacher"]
+    assert -1.0 <= devs[-1]["spearman_vs_teacher"] <= 1.0
+    same = train(_cfg(beir, mat, tmp_path / "same", max_steps=1, student_init=str(mat), **kw))
+    assert same.initial_dev["model"]["spearman_vs_teacher"] == pytest.approx(1.0)
     student = load_cross_encoder(out)
     assert student.config.num_layers == 2 and 2 in student.mean_pooled
     before = load_file(str(init / "model.safetensors"))

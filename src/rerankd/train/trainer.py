@@ -599,8 +599,9 @@ class Trainer:
     def _dev(self, module: TrainableReranker, with_depths: bool = True) -> dict[str, Any]:
         """NDCG@10 / MRR@10 of reranking the first stage's top `dev_candidates` for the dev
         slice of train queries; per depth (and pruned) for Matryoshka models, each with its
-        mean per-query Spearman against the full depth's scores: the Matryoshka target is
-        about tracking the full model's order, which NDCG@10 alone does not show."""
+        mean per-query Spearman against the full depth's scores (and a student's against its
+        teacher's): the Matryoshka and student targets are about tracking the larger model's
+        order, which NDCG@10 alone does not show."""
         data = self.data
         if not data.dev_qids:
             return {}
@@ -611,6 +612,9 @@ class Trainer:
         rhos: dict[str, list[float]] = {}
         labels = [f"depth{k}" for k in depths] + ["full"] + (["pruned"] if pruned else [])
         full = len(depths)
+        # a student's order against its teacher's, on the same candidates
+        teacher = self.teacher if module is not self.teacher else None
+        to_teacher: list[float] = []
         for qid in data.dev_qids:
             docs = data.candidates.get(qid, [])[: self.cfg.dev_candidates]
             if not docs:
@@ -629,7 +633,10 @@ class Trainer:
                 if protected is not None:
                     keep = self._pruned(module, inputs, protected).float()
                     rows = torch.cat([rows, keep[None]])
+                t = teacher(**inputs).float().numpy() if teacher is not None else None
             rows_np = rows.numpy()
+            if t is not None and (rho := spearman(rows_np[full].tolist(), t.tolist())) is not None:
+                to_teacher.append(rho)
             for k, (name, row) in enumerate(zip(labels, rows_np, strict=True)):
                 order = np.argsort(-row, kind="stable")
                 runs.setdefault(name, {})[qid] = [docs[i] for i in order]
@@ -641,6 +648,8 @@ class Trainer:
         for name, values in rhos.items():  # how closely a cut tracks the full model's order
             out[name]["spearman_vs_full"] = float(np.mean(values))
         result: dict[str, Any] = out.pop("full")
+        if to_teacher:
+            result["spearman_vs_teacher"] = float(np.mean(to_teacher))
         if pruned:  # the full depth at keep ratio `lora_horizontal`
             result["pruned"] = out.pop("pruned")
         if out:
