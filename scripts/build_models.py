@@ -88,9 +88,11 @@ STUDENT = [
     "--distill-loss", "margin-mse", "--epochs", "1", "--lr", "1e-4", "--warmup", "0.05",
     "--negatives", "15", "--depth", "100",
 ]  # fmt: skip
+#: the Matryoshka model the student is cut from and distilled from
+TEACHER = "rerankd-minilm-l6"
 # name -> (folder under --build, how it is made, depths to evaluate)
 RECIPES: dict[str, tuple[str, str, list[int]]] = {
-    "rerankd-minilm-l6": ("minilm-l6", "teacher", [2]),
+    TEACHER: ("minilm-l6", "teacher", [2]),
     "rerankd-tiny-l2": ("tiny-l2", "student", []),
 }
 
@@ -125,7 +127,7 @@ def student(build: Path, name: str, data: Path) -> None:
     it gained 0.09 NDCG@10 on the dev queries' hybrid top-100 in one epoch. (A Jina-style
     student from teacher layers 0 and 5 instead, `--student-layers 2`, reached dev NDCG@10
     0.21 in 60 steps where the cut started at 0.54.)"""
-    teacher = build / RECIPES["rerankd-minilm-l6"][0]
+    teacher = build / RECIPES[TEACHER][0]
     out = build / RECIPES[name][0]
     init = out.with_name(out.name + "-init")
     run(["extract-depth", "--model", str(teacher), "--depth", "2", "--out", str(init)])
@@ -180,12 +182,11 @@ def runs_dir(build: Path, name: str, ds: str) -> Path:
 def evaluate(build: Path, name: str, data: Path) -> None:
     """Each set, keeping raw scores; the student is also compared with the teacher's
     scores on the same candidates (`--reference-runs`: its rho against the teacher)."""
-    teacher = "rerankd-minilm-l6"
     for ds in EVAL_SETS:
         args = eval_args(build, data, ds, name, name, RECIPES[name][2])
         args += ["--runs-dir", str(runs_dir(build, name, ds))]
         if RECIPES[name][1] == "student":
-            args += ["--reference-runs", str(runs_dir(build, teacher, ds))]
+            args += ["--reference-runs", str(runs_dir(build, TEACHER, ds))]
         run(args)
 
 
@@ -222,7 +223,7 @@ def ablation(build: Path, data: Path) -> None:
     from rerankd.engine.model_meta import read_meta
     from rerankd.train.modeling import TOKENIZER_FILES
 
-    src = build / (RECIPES["rerankd-minilm-l6"][0] + "-phase2")
+    src = build / (RECIPES[TEACHER][0] + "-phase2")
     dst = build / ABLATION
     dst.mkdir(parents=True, exist_ok=True)
     for f in ("config.json", *TOKENIZER_FILES):
@@ -311,7 +312,7 @@ def _ablation_figures(build: Path) -> dict[str, dict[str, str]]:
 
 def card(build: Path, name: str) -> str:
     """The model card: recipe, data, seed, time, and every measured figure (good or bad)."""
-    teacher = build / RECIPES["rerankd-minilm-l6"][0]
+    teacher = build / RECIPES[TEACHER][0]
     fusion = json.loads((MODELS / name / "fusion.json").read_text())
     lines = [
         f"# {name}",
@@ -394,7 +395,7 @@ def card(build: Path, name: str) -> str:
         p50 = {k: c["latency_ms"]["p50"] for k, c in cfgs.items() if "+" not in k}
         alone = nd("full")
         if RECIPES[name][1] == "student":  # beside its teacher's, to read "within 5%"
-            tpath = build / "eval" / f"rerankd-minilm-l6.{ds}.json"
+            tpath = build / "eval" / f"{TEACHER}.{ds}.json"
             if tpath.exists():
                 tcfg = {c["name"]: c for c in _row(json.loads(tpath.read_text()))["configs"]}
                 alone += f" (teacher {tcfg['full']['metrics']['ndcg@10']:.3f})"
