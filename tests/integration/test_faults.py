@@ -348,6 +348,10 @@ def _big_case(copies: int) -> RerankCase:
     return RerankCase("how do vaccines protect against disease", docs)
 
 
+#: how a small call sent while the server stops may be refused
+REFUSED = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+
+
 @pytest.mark.timeout(300)
 def test_sigterm_mid_load_drains_in_flight_calls_and_exits_0() -> None:
     case = _big_case(6)  # 288 documents: in flight for a while on two cores
@@ -400,7 +404,11 @@ def test_sigterm_mid_load_drains_in_flight_calls_and_exits_0() -> None:
                             resp = stubs[w % len(stubs)].Rerank(req, timeout=30)
                         except grpc.RpcError as exc:
                             small_codes.append(exc.code().name)
-                            if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                            # a refusal: UNAVAILABLE from the stopping service or a closed
+                            # port; CANCELLED from grpc core for a call it had received but
+                            # not yet handed to the service when the server stopped (seen
+                            # once in CI; every call the service took is drained)
+                            if exc.code() not in REFUSED:
                                 small_errors.append(f"{exc.code().name}: {exc.details()}")
                             refusals.add(exc.details() or "")
                             return  # refused: the server is stopping, later calls would be too
