@@ -386,6 +386,8 @@ class Trainer:
         self.started = time.monotonic()
         self.log = RunLog(self.out / LOG_FILE)
         self.teacher: TrainableReranker | None = None
+        #: the frozen teacher's scores of each dev query's candidates (`_dev`)
+        self._teacher_dev: dict[str, np.ndarray] = {}
 
     # -- setup ---------------------------------------------------------------------------------
 
@@ -633,7 +635,11 @@ class Trainer:
                 if protected is not None:
                     keep = self._pruned(module, inputs, protected).float()
                     rows = torch.cat([rows, keep[None]])
-                t = teacher(**inputs).float().numpy() if teacher is not None else None
+                t = None
+                if teacher is not None:  # frozen: scored once per dev query, then reused
+                    if qid not in self._teacher_dev:
+                        self._teacher_dev[qid] = teacher(**inputs).float().numpy()
+                    t = self._teacher_dev[qid]
             rows_np = rows.numpy()
             if t is not None and (rho := spearman(rows_np[full].tolist(), t.tolist())) is not None:
                 to_teacher.append(rho)
