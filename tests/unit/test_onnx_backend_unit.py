@@ -243,3 +243,25 @@ def test_settings_are_validated_and_applied(tiny_checkpoint: Path, tmp_path: Pat
     backend.close()
     with pytest.raises(ModelLoadError, match="closed"):
         backend.score(random_batch(1))
+
+
+def test_int8_sessions_keep_residual_add_and_layer_norm_apart(
+    tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    """`DISABLED_OPTIMIZERS` reaches ORT: left to itself ORT fuses SkipLayerNormalization into
+    the int8 graph; our sessions must not (its fused kernel was the int8 graph's slow op)."""
+    import onnx
+    import onnxruntime as ort
+
+    backend = OnnxBackend(tiny_checkpoint, precision="int8", cache_dir=tmp_path)
+    plain = ort.SessionOptions()
+    plain.optimized_model_filepath = str(tmp_path / "ort-default.onnx")
+    ort.InferenceSession(str(backend.model_path), plain, providers=["CPUExecutionProvider"])
+    onnx_backend.make_session(backend.model_path, 1, optimized_path=tmp_path / "ours.onnx")
+    ops = {
+        name: {node.op_type for node in onnx.load(str(tmp_path / name)).graph.node}
+        for name in ("ort-default.onnx", "ours.onnx")
+    }
+    assert "SkipLayerNormalization" in ops["ort-default.onnx"]
+    assert "SkipLayerNormalization" not in ops["ours.onnx"]
+    assert {"LayerNormalization", "MatMulIntegerToFloat"} <= ops["ours.onnx"]
