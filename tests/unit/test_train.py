@@ -28,7 +28,14 @@ from rerankd.train.data import (
     split_dev,
     write_teacher_scores,
 )
-from rerankd.train.losses import distill, kl_distill, listwise_ce, margin_mse, mse_distill
+from rerankd.train.losses import (
+    distill,
+    kl_distill,
+    listwise_ce,
+    margin_mse,
+    mse_distill,
+    ranknet_distill,
+)
 from rerankd.train.modeling import (
     default_student_layers,
     encode_batch,
@@ -163,6 +170,26 @@ def test_kl_distill_by_hand() -> None:
     expected_t2 = 4 * (p * math.log(p / 0.5) + (1 - p) * math.log((1 - p) / 0.5))
     assert kl_distill(s, t, temperature=2.0).item() == pytest.approx(expected_t2, rel=1e-6)
     assert kl_distill(t, t).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_ranknet_distill_by_hand_and_least_at_the_teachers_margins() -> None:
+    s = torch.tensor([[1.0, 0.0]])
+    t = torch.tensor([[0.0, 0.0]])
+    # pairs (0,1) and (1,0): logits +1 and -1, targets 0.5 each -> both log(1 + e^-1) + 0.5
+    expected = math.log(1 + math.exp(-1.0)) + 0.5
+    assert ranknet_distill(s, t).item() == pytest.approx(expected, rel=1e-6)
+    assert distill("ranknet", s, t).item() == pytest.approx(expected, rel=1e-6)
+    # shift-invariant on both sides; least where the student's margins are the teacher's / T
+    t = torch.tensor([[2.0, 1.0, 0.5]])
+    best = ranknet_distill(t / 0.5 + 3.0, t, temperature=0.5)
+    for noise in (torch.tensor([[0.3, 0.0, 0.0]]), torch.tensor([[0.0, 0.0, -0.2]])):
+        assert ranknet_distill(t / 0.5 + noise, t, temperature=0.5) > best
+    # a swapped pair costs more than a tie
+    tie = ranknet_distill(torch.tensor([[0.0, 0.0]]), torch.tensor([[1.0, 0.0]]))
+    swapped = ranknet_distill(torch.tensor([[0.0, 1.0]]), torch.tensor([[1.0, 0.0]]))
+    assert swapped > tie
+    with pytest.raises(ValueError, match="two documents"):
+        ranknet_distill(torch.zeros(2, 1), torch.zeros(2, 1))
 
 
 def test_mse_and_distill_dispatch() -> None:

@@ -72,9 +72,21 @@ def _common(p: argparse.ArgumentParser, *, lr: float, ce_weight: float) -> None:
         "--freeze-embeddings", action="store_true", help="keep the word embeddings fixed"
     )
     o.add_argument("--ce-weight", type=float, default=ce_weight, help="listwise CE on labels")
-    o.add_argument("--distill-loss", choices=DISTILL_LOSSES, default="kl")
+    o.add_argument(
+        "--distill-loss",
+        choices=DISTILL_LOSSES,
+        default="kl",
+        help="kl: softmax over each group; margin-mse: positive-vs-negative margins; mse: raw "
+        "scores; ranknet: every pair's order (weighs close calls below the top as much as "
+        "the top)",
+    )
     o.add_argument("--distill-weight", type=float, default=1.0)
-    o.add_argument("--temperature", type=float, default=1.0)
+    o.add_argument(
+        "--temperature",
+        type=float,
+        default=1.0,
+        help="kl: softmax temperature; ranknet: teacher margins are divided by it (< 1 sharpens)",
+    )
     r = p.add_argument_group("run")
     r.add_argument("--out", type=Path, required=True, help="output (and checkpoint) folder")
     r.add_argument("--seed", type=int, default=0)
