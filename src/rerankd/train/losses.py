@@ -34,6 +34,17 @@ def _check(scores: torch.Tensor, name: str = "scores") -> None:
         raise ValueError(f"{name} must be (groups, group size), got {tuple(scores.shape)}")
 
 
+def _check_pair(student: torch.Tensor, teacher: torch.Tensor) -> None:
+    _check(student, "student")
+    if teacher.shape != student.shape:
+        raise ValueError(f"teacher {tuple(teacher.shape)} != student {tuple(student.shape)}")
+
+
+def _check_temperature(temperature: float) -> None:
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+
+
 def listwise_ce(scores: torch.Tensor, positive: int = 0) -> torch.Tensor:
     """Mean over groups of -log softmax(scores)[positive]."""
     _check(scores)
@@ -43,9 +54,7 @@ def listwise_ce(scores: torch.Tensor, positive: int = 0) -> torch.Tensor:
 
 def margin_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """Mean over groups and negatives of ((s_pos - s_neg) - (t_pos - t_neg))²."""
-    _check(student, "student")
-    if teacher.shape != student.shape:
-        raise ValueError(f"teacher {tuple(teacher.shape)} != student {tuple(student.shape)}")
+    _check_pair(student, teacher)
     if student.shape[1] < 2:
         raise ValueError("margin-MSE needs at least one negative per group")
     s = student.float()
@@ -57,11 +66,8 @@ def kl_distill(
     student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0
 ) -> torch.Tensor:
     """T² · mean over groups of KL(softmax(t/T) || softmax(s/T))."""
-    _check(student, "student")
-    if teacher.shape != student.shape:
-        raise ValueError(f"teacher {tuple(teacher.shape)} != student {tuple(student.shape)}")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    _check_pair(student, teacher)
+    _check_temperature(temperature)
     log_s = F.log_softmax(student.float() / temperature, dim=1)
     log_t = F.log_softmax(teacher.float() / temperature, dim=1)
     kl = F.kl_div(log_s, log_t, reduction="batchmean", log_target=True)
@@ -70,8 +76,7 @@ def kl_distill(
 
 def mse_distill(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """Mean squared difference of raw scores."""
-    if teacher.shape != student.shape:
-        raise ValueError(f"teacher {tuple(teacher.shape)} != student {tuple(student.shape)}")
+    _check_pair(student, teacher)
     return F.mse_loss(student.float(), teacher.float())
 
 
@@ -80,13 +85,10 @@ def ranknet_distill(
 ) -> torch.Tensor:
     """Mean over groups and ordered pairs i != j of the binary cross-entropy between
     sigmoid(s_i - s_j) and sigmoid((t_i - t_j) / T); least where s_i - s_j = (t_i - t_j) / T."""
-    _check(student, "student")
-    if teacher.shape != student.shape:
-        raise ValueError(f"teacher {tuple(teacher.shape)} != student {tuple(student.shape)}")
+    _check_pair(student, teacher)
     if student.shape[1] < 2:
         raise ValueError("ranknet needs at least two documents per group")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    _check_temperature(temperature)
     s = student.float()
     t = teacher.float()
     pairs = ~torch.eye(s.shape[1], dtype=torch.bool, device=s.device)
