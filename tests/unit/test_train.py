@@ -658,6 +658,32 @@ def test_student_can_start_from_an_extracted_depth(
         main([*argv, "--dataset", str(beir), "--out", str(tmp_path / "x")])
 
 
+def test_student_can_start_from_a_bare_encoder_of_another_width(
+    tmp_path: Path, beir: Path, model4: Path
+) -> None:
+    """--student-init with a bare encoder (no head; here narrower than the teacher, and its
+    tokenizer saved with other padding settings): it gets a head drawn from the seed and
+    learns the teacher's scores."""
+    from safetensors.torch import save_file
+
+    bare = _write_model(tmp_path / "bare", layers=2, hidden=16, seed=3)
+    weights = load_file(str(bare / "model.safetensors"))
+    save_file({k: v for k, v in weights.items() if not k.startswith("classifier.")},
+              str(bare / "model.safetensors"))  # fmt: skip
+    spec = json.loads((bare / "tokenizer.json").read_text())
+    spec["padding"] = None
+    spec["truncation"] = {"direction": "Right", "max_length": 512, "strategy": "LongestFirst",
+                          "stride": 0}  # fmt: skip
+    (bare / "tokenizer.json").write_text(json.dumps(spec))
+    kw = {"mode": "student", "teacher": str(model4), "ce_weight": 0.0, "distill_loss": "ranknet"}
+    out = tmp_path / "st"
+    train(_cfg(beir, model4, out, max_steps=2, student_init=str(bare), seed=5, **kw))
+    model = read_log(out)[0]["model"]
+    assert model["init"] == str(bare) and model["head"] == "untrained, seed 5"
+    student = load_cross_encoder(out)
+    assert student.config.hidden_size == 16 and student.config.num_layers == 2
+
+
 def test_student_starts_from_the_chosen_teacher_layers(tmp_path: Path, model4: Path) -> None:
     assert default_student_layers(6, 2) == [0, 5]
     assert default_student_layers(12, 4) == [0, 4, 7, 11]

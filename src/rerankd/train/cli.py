@@ -173,7 +173,8 @@ def distill_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--student-init",
         help="start the student from this cross-encoder folder instead of teacher layers "
-        "(e.g. the teacher's depth cut as a model of its own, to train it further)",
+        "(e.g. the teacher's depth cut as a model of its own, to train it further), or from "
+        "a bare encoder with the teacher's tokenizer (its head drawn from --seed)",
     )
     p.add_argument(
         "--queries",

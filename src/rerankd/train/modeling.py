@@ -121,6 +121,20 @@ def prepare_init(spec: str, workdir: Path, seed: int) -> tuple[Path, dict[str, A
     return dst, {"init": str(src), "head": f"untrained, seed {seed}"}
 
 
+def same_tokenization(a: Path, b: Path) -> bool:
+    """Whether two checkpoints turn text into the same token ids.
+
+    Compares the tokenizers as the engine loads them (`load_tokenizer`: truncation and
+    padding off), so two copies of one vocabulary saved with different padding settings
+    (all-MiniLM-L6-v2 and SPLADE-tiny) agree, and any other difference does not.
+    """
+    try:
+        specs = [json.loads(load_tokenizer(f).to_str()) for f in (a, b)]
+    except Exception:  # a folder without a readable tokenizer: nothing to compare
+        return False
+    return specs[0] == specs[1]
+
+
 def split_depth_heads(
     weights: Mapping[str, torch.Tensor],
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:

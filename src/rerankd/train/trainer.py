@@ -71,6 +71,7 @@ from rerankd.train.modeling import (
     load_trainable,
     pair_encoder,
     prepare_init,
+    same_tokenization,
     save_model_folder,
     save_safetensors,
     student_from_teacher,
@@ -435,26 +436,18 @@ class Trainer:
             self.template = self.out
             info = saved["model_info"]
         elif teacher_dir is not None and cfg.student_init:
-            init, how = prepare_init(cfg.student_init, workdir / "student", cfg.seed)
-            if how["head"] != "from checkpoint":
-                raise TrainingError(
-                    f"--student-init {cfg.student_init!r} is a bare encoder: pass a "
-                    "cross-encoder folder, or leave it out to start from teacher layers"
-                )
-            # one tokenisation feeds teacher and student: their vocabularies must agree
-            same = [
-                (init / f).read_bytes() == (teacher_dir / f).read_bytes()
-                for f in ("tokenizer.json", "vocab.txt")
-                if (init / f).exists() and (teacher_dir / f).exists()
-            ]
-            if not same or not all(same):
+            # a bare encoder (e.g. a TinyBERT-shaped backbone) gets a seeded head: the
+            # teacher's scores are what it learns, so no head has to be trained first
+            init, info = prepare_init(cfg.student_init, workdir / "student", cfg.seed)
+            # one tokenisation feeds teacher and student: their token ids must agree
+            if not same_tokenization(init, teacher_dir):
                 raise TrainingError(
                     f"--student-init {cfg.student_init!r} does not share the teacher's "
                     "tokenizer: start from a model with the teacher's vocabulary"
                 )
             self.module = load_trainable(init, depths=[])
             self.template = init
-            info = {"init": str(cfg.student_init), "head": "from checkpoint"}
+            info = {**info, "init": str(cfg.student_init)}
         elif teacher_dir is not None:
             tcfg = ModelConfig.from_file(teacher_dir / "config.json")
             layers = cfg.student_layers or default_student_layers(
