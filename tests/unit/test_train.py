@@ -41,6 +41,7 @@ from rerankd.train.modeling import (
     encode_batch,
     load_trainable,
     pair_encoder,
+    prepare_init,
     student_from_teacher,
 )
 from rerankd.train.trainer import TrainConfig, TrainingError, lr_at, read_log, train
@@ -682,6 +683,9 @@ def test_student_can_start_from_a_bare_encoder_of_another_width(
     assert model["init"] == str(bare) and model["head"] == "untrained, seed 5"
     student = load_cross_encoder(out)
     assert student.config.hidden_size == 16 and student.config.num_layers == 2
+    seeded, _ = prepare_init(str(bare), tmp_path / "ref", seed=5)  # the head it started from
+    before = load_file(str(seeded / "model.safetensors"))["classifier.weight"]
+    assert not torch.equal(before, load_file(str(out / "model.safetensors"))["classifier.weight"])
 
 
 def test_student_starts_from_the_chosen_teacher_layers(tmp_path: Path, model4: Path) -> None:
