@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from rerankd.engine.ascii_tokenize import AsciiFastPath
 from rerankd.engine.bundled import PREFIX as BUNDLED_PREFIX
 from rerankd.engine.bundled import backbone_dir
 from rerankd.engine.checkpoint import read_weights, resolve
@@ -143,6 +144,8 @@ class _TextEncoder:
         # Configured once here and never changed, so concurrent encode calls share it safely.
         self.tokenizer = load_tokenizer(folder)
         self.tokenizer.enable_truncation(max_length)
+        # After truncation is set: the fast route copies the tokenizer's settings.
+        self._encode_batch = AsciiFastPath(self.tokenizer).encode_batch
         self._pad_id = cfg.pad_token_id
 
     @property
@@ -176,7 +179,7 @@ class _TextEncoder:
             raise InvalidInputError(f"input_type must be 'query' or 'document', not {input_type!r}")
         if prefix:
             texts = [prefix + t for t in texts]
-        return [enc.ids for enc in self.tokenizer.encode_batch(list(texts))]
+        return [enc.ids for enc in self._encode_batch(list(texts))]
 
     def _map_batches(
         self,
