@@ -22,10 +22,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rerankd.engine.ascii_tokenize import AsciiFastPath
 from rerankd.engine.bundled import PREFIX as BUNDLED_PREFIX
 from rerankd.engine.bundled import backbone_dir
 from rerankd.engine.checkpoint import read_weights, resolve
+from rerankd.engine.fast_tokenize import BertFastPath
 from rerankd.engine.models.bert import BertBackbone
 from rerankd.engine.models.config import ModelConfig
 from rerankd.engine.models.mlm import MaskedLM, load_masked_lm
@@ -145,7 +145,7 @@ class _TextEncoder:
         self.tokenizer = load_tokenizer(folder)
         self.tokenizer.enable_truncation(max_length)
         # After truncation is set: the fast route copies the tokenizer's settings.
-        self._encode_batch = AsciiFastPath(self.tokenizer).encode_batch
+        self._encode_batch = BertFastPath(self.tokenizer).encode_batch
         self._pad_id = cfg.pad_token_id
 
     @property

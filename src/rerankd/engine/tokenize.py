@@ -2,7 +2,7 @@
 
 The query is tokenized once per request and reused for every document; documents are
 tokenized in one batch call (Rust, parallel, GIL released; without character offsets, which
-nothing here reads; plain-ASCII text through `ascii_tokenize`'s cheaper equivalent).
+nothing here reads; BERT tokenizers through `fast_tokenize`'s cheaper equivalent).
 Only the document side is cut to fit `max_length`; a query too long to leave room is cut
 to half of it.
 
@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Encoding, Tokenizer
 
-from rerankd.engine.ascii_tokenize import AsciiFastPath
+from rerankd.engine.fast_tokenize import BertFastPath
 from rerankd.errors import ModelLoadError
 
 # A query may take at most this share of max_length; the rest is the document's.
@@ -88,8 +88,8 @@ class PairEncoder:
         self.special_tokens = tokenizer.num_special_tokens_to_add(is_pair=True)
         if model_max_length <= self.special_tokens + 2:
             raise ModelLoadError(f"model max length {model_max_length} leaves no room for text")
-        # Same ids as encode_batch, minus the character offsets; plain ASCII faster.
-        self._encode_batch = AsciiFastPath(tokenizer).encode_batch
+        # Same ids as encode_batch, minus the character offsets; BERT tokenizers faster.
+        self._encode_batch = BertFastPath(tokenizer).encode_batch
         # The post-processor's layout, learned once; None = post_process every pair.
         self.template = _learn_template(tokenizer)
 
