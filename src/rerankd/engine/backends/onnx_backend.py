@@ -72,7 +72,8 @@ OUTPUT_NAME = "logits"
 #: 17 is the first opset with LayerNormalization as one op; ORT >= 1.14 runs it.
 OPSET = 17
 #: Bump when the cache layout or the export recipe changes, to orphan old entries.
-LAYOUT_VERSION = 1
+#: 2: the last layer computes [CLS] alone for [CLS]-reading heads (`CrossEncoder.forward`).
+LAYOUT_VERSION = 2
 MODEL_FILE = "model.onnx"
 META_FILE = "rerankd-onnx.json"
 #: The int8 recipe (see the module docstring for why these values).

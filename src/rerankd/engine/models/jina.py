@@ -91,18 +91,22 @@ class JinaSelfAttention(nn.Module):
         self.key = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.value = nn.Linear(cfg.hidden_size, cfg.hidden_size)
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        b, s, h = x.shape
+    def forward(self, x: torch.Tensor, bias: torch.Tensor, cls_only: bool = False) -> torch.Tensor:
+        """Attention output; with `cls_only`, [CLS]'s alone (its row of `bias`)."""
+        b, _, h = x.shape
 
         def split(t: torch.Tensor) -> torch.Tensor:
-            return t.view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
+            return t.view(b, t.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
 
-        q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
+        queries = x[:, :1] if cls_only else x
+        if cls_only:
+            bias = bias[:, :, :1]
+        q, k, v = split(self.query(queries)), split(self.key(x)), split(self.value(x))
         # softmax(q k^T / sqrt(d) + bias) v, as the reference. SDPA rather than explicit
         # matmuls: on CPU its fused kernel never holds the (batch, heads, seq, seq) scores
         # and probabilities, which at 4,096 tokens was 10x faster and ~800 MB smaller.
         ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-        return ctx.transpose(1, 2).reshape(b, s, h)
+        return ctx.transpose(1, 2).reshape(b, queries.shape[1], h)
 
 
 class JinaAttention(nn.Module):
@@ -113,8 +117,9 @@ class JinaAttention(nn.Module):
         self.self = JinaSelfAttention(cfg)
         self.output = SelfOutput(cfg)  # the same post-LN residual as BERT's
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        return self.output(self.self(x, bias), x)
+    def forward(self, x: torch.Tensor, bias: torch.Tensor, cls_only: bool = False) -> torch.Tensor:
+        residual = x[:, :1] if cls_only else x
+        return self.output(self.self(x, bias, cls_only), residual)
 
 
 class JinaGLUMLP(nn.Module):
@@ -141,8 +146,9 @@ class JinaLayer(nn.Module):
         self.attention = JinaAttention(cfg)
         self.mlp = JinaGLUMLP(cfg)
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.attention(x, bias))
+    def forward(self, x: torch.Tensor, bias: torch.Tensor, cls_only: bool = False) -> torch.Tensor:
+        """The layer's output; with `cls_only`, for [CLS] alone ([batch, 1, hidden])."""
+        return self.mlp(self.attention(x, bias, cls_only))
 
 
 class JinaEncoder(nn.Module):
@@ -189,11 +195,15 @@ class JinaBertBackbone(nn.Module):
         attention_mask: torch.Tensor,
         token_type_ids: torch.Tensor,
         depth: int | None = None,
+        cls_only: bool = False,
     ) -> torch.Tensor:
+        """Hidden states after `depth` layers; with `cls_only` the last layer computes
+        [CLS] alone (see `bert.CrossEncoder.forward`) and the result is [batch, 1, hidden]."""
         x = self.embeddings(input_ids, token_type_ids)
         bias = self.attention_bias(attention_mask, x.dtype)
-        for layer in self.encoder.layer[: depth or len(self.encoder.layer)]:
-            x = layer(x, bias)
+        layers = self.encoder.layer[: depth or len(self.encoder.layer)]
+        for i, layer in enumerate(layers):
+            x = layer(x, bias, cls_only and i == len(layers) - 1)
         return x
 
 
@@ -223,5 +233,6 @@ class JinaCrossEncoder(nn.Module):
         token_type_ids: torch.Tensor,
         depth: int | None = None,
     ) -> torch.Tensor:
-        hidden = self.bert(input_ids, attention_mask, token_type_ids, depth)
+        """One logit per pair; the head reads [CLS] alone, so the last layer runs it alone."""
+        hidden = self.bert(input_ids, attention_mask, token_type_ids, depth, cls_only=True)
         return self.classifier(self.bert.pooler(hidden))[:, 0]
