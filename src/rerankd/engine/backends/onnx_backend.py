@@ -2,8 +2,9 @@
 
 Why a second backend: for a MiniLM-L6 cross-encoder on two cores, ONNX Runtime int8 scores
 ~2.8x as many pairs/s as torch fp32 and ~1.4x torch bf16, and its fp32 graph ~1.25x torch
-fp32 while matching it to ~1e-7. (For a 2-layer, 128-wide model int8 gains nothing over
-ORT fp32, and torch bf16 wins on CPUs with native bf16: per-call overhead dominates there.)
+fp32 while matching it to ~1e-7. On the 2-layer, 128-wide TinyBERT-L2 shape int8 is ~1.8x
+ORT fp32 (one thread, DL19 batches: 60 vs 112 ms per 100 pairs) and torch bf16 0.4-0.5x of
+int8 (bench/README.md).
 
 The export is derived data, so it lives in a cache keyed by the checkpoint's content and
 every setting that changes the graph (`checkpoint.fingerprint`): a second start, or a second
