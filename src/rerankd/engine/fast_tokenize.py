@@ -24,11 +24,13 @@ the same words, and WordPiece gives the same ids, truncation and special tokens.
   part of a word. No Unicode data of Python's is trusted.
 
 Where the per-character argument could fail, the text takes the tokenizer's own route:
-any combining mark (NFD reorders marks across characters), any added token (`[SEP]`, ...)
-in any case (matched on the raw text before normalisation), ASCII control characters
-outside `str.translate`'s route, and once the table holds `MAX_TABLE` characters, any new
-one. The copy is used only for a `BertNormalizer(clean_text=True)` + `BertPreTokenizer`
-tokenizer, and only if it reproduces the original on probe texts.
+any combining mark, in the text or in a character's normalised form (NFD reorders marks
+across characters); any added token (`[SEP]`, ...) in any case (matched on the raw text
+before normalisation); a character the pre-tokenizer splits in some other way; and, once
+the table holds `MAX_TABLE` characters, any new one. ASCII text holding a control
+character goes through the table (which deletes it, as the normalizer does). The copy is
+used only for a `BertNormalizer(clean_text=True)` + `BertPreTokenizer` tokenizer, and only
+if it reproduces the original on probe texts.
 """
 
 from __future__ import annotations
