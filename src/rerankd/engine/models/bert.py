@@ -651,7 +651,8 @@ class CrossEncoder(nn.Module):
         attention output and feed-forward: only the keys and values of the other tokens
         matter there. Same logits (up to float rounding); about a sixth of the last layer's
         matmul work remains (the key and value projections), so a 2-layer model does ~40%
-        less encoder matmul work, a 6-layer one ~14%. A mean-pooled head (`mean_pooled`) needs every token and runs them all.
+        less encoder matmul work, a 6-layer one ~14%. A mean-pooled head (`mean_pooled`)
+        needs every token and runs them all.
         """
         adapters = self.lora_adapters(depth)
         cls_only = (depth or self.config.num_layers) not in self.mean_pooled
