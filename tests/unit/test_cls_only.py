@@ -134,3 +134,24 @@ def test_jinabert_runs_its_last_layer_for_cls_only(tmp_path: Path) -> None:
         reference = model.classifier(model.bert.pooler(hidden))[:, 0]
     assert seen == [1]
     torch.testing.assert_close(logits, reference, rtol=1e-5, atol=1e-6)
+
+
+def test_pruned_forward_runs_its_last_layer_for_cls_only(tmp_path: Path) -> None:
+    """Token pruning still picks the last layer's keys and values; its queries are [CLS]."""
+    folder = write_tiny_checkpoint(tmp_path / "m", layers=3)
+    model = load_cross_encoder(folder).eval()
+    batch = _batch()
+    protected = batch["attention_mask"].bool() & (batch["token_type_ids"] == 0)
+    keep = (1.0, 0.5, 0.5)
+    seen: list[int] = []
+    last = model.backbone.encoder.layer[2].intermediate.dense
+    hook = last.register_forward_hook(lambda _m, args, _out: seen.append(args[0].shape[1]))
+    with torch.inference_mode():
+        logits = model.forward_pruned(**batch, keep=keep, protected=protected)
+        hook.remove()
+        hidden, mask = model.backbone.forward_pruned(
+            **batch, keep=keep, protected=protected, cls_only=False
+        )
+        reference = model.head(hidden, len(keep), mask)
+    assert seen == [1]
+    torch.testing.assert_close(logits, reference, rtol=1e-5, atol=1e-6)

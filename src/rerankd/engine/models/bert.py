@@ -429,6 +429,7 @@ class BertBackbone(nn.Module):
         keep: tuple[float, ...],
         protected: torch.Tensor,
         adapters: Sequence[LoraAdapter] = (),
+        cls_only: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Run `len(keep)` layers; layer i sees only the `keep[i]` share of each pair's
         tokens, chosen by the attention [CLS] paid to them in layer i-1.
@@ -436,7 +437,9 @@ class BertBackbone(nn.Module):
         `protected` (bool, batch x seq) marks tokens never pruned: [CLS], [SEP] and the
         query. `keep[0]` must be 1.0: before layer 1 there is no attention to rank by.
         Returns the hidden states of the kept tokens ([CLS] stays at position 0) and their
-        mask. `adapters`' LoRA updates apply to every layer they cover.
+        mask. `adapters`' LoRA updates apply to every layer they cover. With `cls_only` the
+        last layer computes [CLS] alone (see `CrossEncoder.forward`): the states returned
+        are [batch, 1, hidden], the mask still the kept tokens'.
         """
         x = self.embeddings(input_ids, attention_mask, token_type_ids)
         mask = attention_mask.bool()
@@ -446,7 +449,10 @@ class BertBackbone(nn.Module):
             if ratio < 1.0 and cls is not None:
                 x, mask, protected = _prune(x, mask, protected, cls, valid, ratio)
             layer = self.encoder.layer[i]
-            x, cls = layer.forward_with_cls(x, mask_bias(mask, x.dtype), _layer_loras(adapters, i))
+            bias, lora = mask_bias(mask, x.dtype), _layer_loras(adapters, i)
+            if cls_only and i == len(keep) - 1:
+                return layer(x, bias, lora, cls_only=True), mask  # nothing left to prune
+            x, cls = layer.forward_with_cls(x, bias, lora)
         return x, mask
 
 
@@ -672,8 +678,9 @@ class CrossEncoder(nn.Module):
         """Logits with per-layer token pruning (see `BertBackbone.forward_pruned`); the
         horizontal LoRA applies when some ratio is below 1."""
         adapters = self.lora_adapters(len(keep), pruned=any(r < 1.0 for r in keep))
+        cls_only = len(keep) not in self.mean_pooled
         hidden, mask = self.backbone.forward_pruned(
-            input_ids, attention_mask, token_type_ids, keep, protected, adapters
+            input_ids, attention_mask, token_type_ids, keep, protected, adapters, cls_only
         )
         return self.head(hidden, len(keep), mask)
 
