@@ -30,14 +30,7 @@ def _batch(segments: bool = True) -> dict[str, torch.Tensor]:
 
 
 def _reference(model: CrossEncoder, batch: dict[str, torch.Tensor], depth: int | None):
-    hidden = model.backbone(
-        batch["input_ids"],
-        batch["attention_mask"],
-        batch["token_type_ids"],
-        depth,
-        model.lora_adapters(depth),
-        cls_only=False,
-    )
+    hidden = model.encode(**batch, depth=depth, cls_only=False)
     return model.head(hidden, depth, batch["attention_mask"])
 
 

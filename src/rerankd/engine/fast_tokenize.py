@@ -76,7 +76,8 @@ class BertFastPath:
         self.lowercase = False
         # code point -> its rewrite, or None for "take the tokenizer's own route"
         self._table: dict[int, str | None] = {}
-        spec = json.loads(tokenizer.to_str())
+        saved = tokenizer.to_str()
+        spec = json.loads(saved)
         normalizer = spec.get("normalizer") or {}
         pre = spec.get("pre_tokenizer") or {}
         if normalizer.get("type") != "BertNormalizer" or not normalizer.get("clean_text"):
@@ -84,7 +85,7 @@ class BertFastPath:
         if pre.get("type") != "BertPreTokenizer":
             return
         self.lowercase = bool(normalizer.get("lowercase"))
-        fast = Tokenizer.from_str(tokenizer.to_str())
+        fast = Tokenizer.from_str(saved)
         fast.normalizer = None
         fast.pre_tokenizer = pre_tokenizers.Split(Regex(_SPLIT), behavior="removed", invert=True)
         # Lower-cased, to find them in any case (substring tests beat a regex here).
@@ -186,11 +187,11 @@ class BertFastPath:
 
     def _reproduces(self, texts: Sequence[str]) -> bool:
         """Whether the fast copy gives the original's ids and type ids on `texts`."""
+        forms = [self._fast_form(t) for t in texts]
+        if any(f is None for f in forms):
+            return False
         for special in (False, True):
             want = self._slow(list(texts), add_special_tokens=special)
-            forms = [self._fast_form(t) for t in texts]
-            if any(f is None for f in forms):
-                return False
             got = self._encode_fast(forms, special)  # type: ignore[arg-type]
             pairs = zip(want, got, strict=True)
             if any(a.ids != b.ids or a.type_ids != b.type_ids for a, b in pairs):

@@ -639,10 +639,14 @@ class CrossEncoder(nn.Module):
         attention_mask: torch.Tensor,
         token_type_ids: torch.Tensor,
         depth: int | None = None,
+        cls_only: bool = False,
     ) -> torch.Tensor:
-        """Hidden states after `depth` layers, with that depth's compensation."""
+        """Hidden states after `depth` layers, with that depth's compensation; with
+        `cls_only` the last layer's for [CLS] alone (see `forward`)."""
         adapters = self.lora_adapters(depth)
-        return self.backbone(input_ids, attention_mask, token_type_ids, depth, adapters)
+        return self.backbone(
+            input_ids, attention_mask, token_type_ids, depth, adapters, cls_only=cls_only
+        )
 
     def forward(
         self,
@@ -660,11 +664,8 @@ class CrossEncoder(nn.Module):
         less encoder matmul work, a 6-layer one ~14%. A mean-pooled head (`mean_pooled`)
         needs every token and runs them all.
         """
-        adapters = self.lora_adapters(depth)
         cls_only = (depth or self.config.num_layers) not in self.mean_pooled
-        hidden = self.backbone(
-            input_ids, attention_mask, token_type_ids, depth, adapters, cls_only=cls_only
-        )
+        hidden = self.encode(input_ids, attention_mask, token_type_ids, depth, cls_only)
         return self.head(hidden, depth, attention_mask)
 
     def forward_pruned(
