@@ -420,12 +420,13 @@ def test_sigterm_mid_load_drains_in_flight_calls_and_exits_0() -> None:
 
                 return run
 
-            loaders = [
-                threading.Thread(target=small_load(w), daemon=True, name=f"small-{w}")
-                for w in range(4)
-            ]
-            for t in loaders:
-                t.start()
+            def in_flight() -> tuple[float, float]:
+                s = scrape(proc)
+                return (
+                    s[("rerankd_inflight_requests", (("transport", "grpc"),))],
+                    s[("rerankd_inflight_requests", (("transport", "http"),))],
+                )
+
             futures = [
                 stubs[i % len(stubs)].Rerank.future(request, timeout=120) for i in range(n_grpc)
             ]
@@ -433,16 +434,29 @@ def test_sigterm_mid_load_drains_in_flight_calls_and_exits_0() -> None:
             for t in posters:
                 t.start()
             # Wait until the server holds all big calls at once (read from its own gauges).
+            # The small calls start only then: the gRPC gauge counts them too, and a big
+            # call still on the wire when SIGTERM lands is refused, not drained.
             for _ in range(10_000):
                 clock.check()
-                s = scrape(proc)
-                grpc_now = s[("rerankd_inflight_requests", (("transport", "grpc"),))]
-                http_now = s[("rerankd_inflight_requests", (("transport", "http"),))]
+                grpc_now, http_now = in_flight()
                 if grpc_now >= n_grpc and http_now >= n_http:
                     break
                 assert not all(f.done() for f in futures), "the big calls finished too soon"
             else:
                 pytest.fail("the big calls were never all in flight")
+            loaders = [
+                threading.Thread(target=small_load(w), daemon=True, name=f"small-{w}")
+                for w in range(4)
+            ]
+            for t in loaders:
+                t.start()
+            for _ in range(10_000):  # ... and until the server holds a small call too
+                clock.check()
+                if in_flight()[0] > n_grpc:
+                    break
+                assert not all(f.done() for f in futures), "the big calls finished too soon"
+            else:
+                pytest.fail("no small call reached the server while the big ones ran")
             sigterm_at = time.monotonic()
             proc.proc.send_signal(signal.SIGTERM)
             answers = []
