@@ -581,6 +581,57 @@ def test_lora_freeze_base_keeps_the_base_weights_and_resumes(
         torch.testing.assert_close(cut[name], after[name], rtol=0, atol=1e-6, msg=name)
 
 
+def test_horizontal_lora_added_to_a_finished_model_trains_only_itself(
+    tmp_path: Path, beir: Path, model4: Path
+) -> None:
+    """`--lora-horizontal` on a model with vertical LoRA: only the new `lora_keep` adapters
+    train, so every tensor the model had (base, heads, vertical LoRA) and every unpruned
+    score is unchanged, while the pruned scores move; a resumed run ends where an
+    uninterrupted one does."""
+    d2 = {"mode": "matryoshka", "matryoshka_depths": (2,), "lora_rank": 2, "epochs": 1}
+    mat = tmp_path / "mat"
+    train(_cfg(beir, model4, mat, lora_freeze_base=True, max_steps=2, **d2))
+    ext = {"lora_horizontal": 0.5, "lora_freeze_base": True, **d2}
+    res = train(_cfg(beir, mat, tmp_path / "ext", **ext))
+    assert "horizontal" in res.history[0]["loss_parts"]
+    assert read_log(tmp_path / "ext")[0]["model"]["trains"] == "horizontal LoRA only"
+    before = load_file(str(mat / "model.safetensors"))
+    after = load_file(str(tmp_path / "ext" / "model.safetensors"))
+    for name, t in before.items():
+        assert torch.equal(after[name], t), name
+    added = set(after) - set(before)
+    assert added and all(n.startswith("lora_keep.") for n in added)
+    assert all(after[n].abs().sum() > 0 for n in added if n.endswith(".B"))  # trained
+    lora = json.loads((tmp_path / "ext" / "rerankd.json").read_text())["matryoshka"]["lora"]
+    assert lora["vertical"] == [2] and lora["horizontal"]
+    old, new = load_cross_encoder(mat), load_cross_encoder(tmp_path / "ext")
+    _, _, inputs = _depth_scores(tmp_path / "ext")
+    plain = {k: v for k, v in inputs.items() if k != "protected"}
+    keep = (1.0, 0.5, 0.5, 0.5)
+    with torch.no_grad():
+        for depth in (2, None):
+            torch.testing.assert_close(new(**plain, depth=depth), old(**plain, depth=depth))
+        pruned_old = old.forward_pruned(**inputs, keep=keep)
+        assert not torch.allclose(new.forward_pruned(**inputs, keep=keep), pruned_old)
+    part = train(_cfg(beir, mat, tmp_path / "cut", max_steps=1, **ext))
+    assert part.step == 1
+    assert train(_cfg(beir, mat, tmp_path / "cut", resume=True, **ext)).step == res.step
+    cut = load_file(str(tmp_path / "cut" / "model.safetensors"))
+    for name in after:
+        torch.testing.assert_close(cut[name], after[name], rtol=0, atol=1e-6, msg=name)
+    # what would change the finished model is refused, saying what to pass
+    for bad, match in (
+        ({"lora_freeze_base": False}, "pass --lora-freeze-base"),
+        ({"matryoshka_depths": (1, 2)}, r"has heads for depths \[2\]"),
+        ({"depth_pooling": "cls"}, "pass --depth-pooling mean"),
+        ({"lora_rank": 4}, "one LoRA scale"),
+    ):
+        with pytest.raises(TrainingError, match=match):
+            train(_cfg(beir, mat, tmp_path / "bad", **(ext | bad)))
+    with pytest.raises(TrainingError, match="has LoRA compensation already"):
+        train(_cfg(beir, tmp_path / "ext", tmp_path / "bad", **ext))
+
+
 def test_lora_options_are_validated(tmp_path: Path, beir: Path, model4: Path) -> None:
     with pytest.raises(TrainingError, match="for Matryoshka"):
         train(_cfg(beir, model4, tmp_path / "a", lora_rank=2))

@@ -227,7 +227,9 @@ def distill_parser() -> argparse.ArgumentParser:
         default=0.0,
         metavar="KEEP_RATIO",
         help="also train the full depth pruned to this share of tokens from layer 2 on, "
-        "with horizontal LoRA, against the unpruned scores (0 = off)",
+        "with horizontal LoRA, against the unpruned scores (0 = off); on a --model that has "
+        "vertical LoRA already (with --lora-freeze-base), only the new horizontal adapters "
+        "train and every unpruned score stays as it was",
     )
     lora.add_argument(
         "--lora-freeze-base",

@@ -233,23 +233,41 @@ class TrainableReranker(nn.Module):
         return torch.stack([rows[k] for k in self.depths] + [full])
 
     def add_lora(
-        self, rank: int, alpha: float, targets: Sequence[str], horizontal: bool, seed: int
+        self,
+        rank: int,
+        alpha: float,
+        targets: Sequence[str],
+        horizontal: bool,
+        seed: int,
+        vertical: bool = True,
     ) -> None:
-        """Vertical LoRA for every head depth, and horizontal LoRA on every layer.
+        """Vertical LoRA for every head depth (unless `vertical` is False), and horizontal
+        LoRA on every layer.
 
         A is drawn from `seed`, uniform in +-1/sqrt(in_features) (PEFT's default), and B is
         zero: a fresh update changes no score, and B has a gradient from the first step.
+        Only the adapters added here are drawn: LoRA the model already holds is kept.
         """
-        for k in self.depths:
-            self.model.add_lora(f"depth{k}", range(k), targets, rank, alpha)
-        if horizontal:
-            self.model.add_lora(KEEP, range(self.config.num_layers), targets, rank, alpha)
+        kinds = [f"depth{k}" for k in self.depths] if vertical else []
+        kinds += [KEEP] if horizontal else []
+        for kind in kinds:
+            layers = range(self.config.num_layers if kind == KEEP else int(kind[len("depth") :]))
+            self.model.add_lora(kind, layers, targets, rank, alpha)
+        new = tuple(f"lora_{kind}." for kind in kinds)
         gen = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for name, p in sorted(self.model.named_parameters()):
-                if name.startswith("lora_") and name.endswith(".A"):
+                if name.startswith(new) and name.endswith(".A"):
                     bound = 1.0 / math.sqrt(p.shape[1])
                     p.copy_((torch.rand(p.shape, generator=gen) * 2 - 1) * bound)
+
+    def train_only(self, prefix: str) -> None:
+        """Train only the parameters whose name starts with `prefix` (e.g. `lora_keep.`):
+        every configuration that does not use them stays bit-identical."""
+        self.requires_grad_(False)
+        for name, p in self.model.named_parameters():
+            if name.startswith(prefix):
+                p.requires_grad_(True)
 
     def freeze_base(self) -> None:
         """Train only the LoRA updates and the per-depth heads: the full-depth model (which

@@ -11,7 +11,8 @@ One loop serves three objectives (`TrainConfig.mode`):
   every depth k also gets its own LoRA compensation (its scores then come from a pass of
   k layers with that LoRA, as served); with `lora_horizontal` s, the full depth pruned to
   the share s of tokens from layer 2 on (with the horizontal LoRA) learns the unpruned
-  full depth's scores too.
+  full depth's scores too. Given a finished model with vertical LoRA, `lora_horizontal`
+  adds the horizontal adapters and trains them alone (`Trainer._extend_lora`).
 
 What every run guarantees, and why:
 
@@ -52,8 +53,10 @@ import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
+from rerankd.engine.checkpoint import read_weights
 from rerankd.engine.limits import resolve_keep_schedule
-from rerankd.engine.models.bert import DEFAULT_LORA_TARGETS, LORA_TARGETS
+from rerankd.engine.loading import mean_pooled_depths
+from rerankd.engine.models.bert import DEFAULT_LORA_TARGETS, KEEP, LORA_TARGETS, MEAN_POOLING
 from rerankd.eval.metrics import evaluate, spearman
 from rerankd.train.data import (
     Group,
@@ -68,12 +71,14 @@ from rerankd.train.modeling import (
     TrainableReranker,
     default_student_layers,
     encode_batch,
+    head_depths,
     load_trainable,
     pair_encoder,
     prepare_init,
     same_tokenization,
     save_model_folder,
     save_safetensors,
+    split_depth_heads,
     student_from_teacher,
     write_json,
 )
@@ -293,6 +298,10 @@ class TrainConfig:
             )
 
 
+#: `model_info["trains"]` of a run that adds horizontal LoRA to a finished model
+HORIZONTAL_ONLY = "horizontal LoRA only"
+
+
 @dataclass
 class _State:
     """Where a run is: saved with every checkpoint, restored by `--resume`."""
@@ -474,12 +483,9 @@ class Trainer:
             self.template = init
             if cfg.mode == "matryoshka":
                 self.module.set_pooling(cfg.depth_pooling)
-            if cfg.lora_rank:
-                if self.module.model.lora_spec is not None:
-                    raise TrainingError(
-                        f"{init} has LoRA compensation already; train from its base model "
-                        "(or continue that run with --resume)"
-                    )
+            if cfg.lora_rank and self.module.model.lora_spec is not None:
+                info |= self._extend_lora(init)
+            elif cfg.lora_rank:
                 self.module.add_lora(
                     cfg.lora_rank,
                     cfg.lora_alpha_value,
@@ -489,7 +495,9 @@ class Trainer:
                 )
         if cfg.freeze_embeddings:
             self.module.model.backbone.embeddings.word_embeddings.requires_grad_(False)
-        if cfg.lora_freeze_base:
+        if info.get("trains") == HORIZONTAL_ONLY:
+            self.module.train_only(f"lora_{KEEP}.")
+        elif cfg.lora_freeze_base:
             self.module.freeze_base()
         mcfg = self.module.config
         #: the pruned configuration trained with horizontal LoRA (empty: none)
@@ -511,6 +519,58 @@ class Trainer:
             "depth_heads": self.module.depths,
             "lora": spec.describe() if spec is not None else None,
         }
+
+    def _extend_lora(self, init: Path) -> dict[str, Any]:
+        """Horizontal LoRA onto a finished Matryoshka model with vertical LoRA only: the
+        new `lora_keep` adapters are all that trains. The base, the heads and the vertical
+        updates stay bit-identical, so every unpruned configuration scores as before and
+        its figures (and a student cut from it) stay valid."""
+        cfg, model = self.cfg, self.module.model
+        spec = model.lora_spec
+        assert spec is not None
+        if spec.horizontal or not cfg.lora_horizontal:
+            raise TrainingError(
+                f"{init} has LoRA compensation already; train from its base model (or "
+                "continue that run with --resume). Only horizontal LoRA (--lora-horizontal) "
+                "can be added to a model whose LoRA is vertical only"
+            )
+        if not cfg.lora_freeze_base:
+            raise TrainingError(
+                "adding horizontal LoRA to a model with LoRA trains the new adapters alone: "
+                "pass --lora-freeze-base"
+            )
+        if (spec.rank, spec.alpha) != (cfg.lora_rank, cfg.lora_alpha_value):
+            raise TrainingError(
+                f"--lora-rank/--lora-alpha {cfg.lora_rank}/{cfg.lora_alpha_value} differ from "
+                f"{init}'s {spec.rank}/{spec.alpha}: one model has one LoRA scale"
+            )
+        held = self.module.depths
+        folder_heads = head_depths(split_depth_heads(read_weights(init))[1])
+        if cfg.matryoshka_depths and sorted(cfg.matryoshka_depths) != folder_heads:
+            raise TrainingError(
+                f"--depths {','.join(map(str, cfg.matryoshka_depths))}: {init} has heads for "
+                f"depths {folder_heads}, and adding horizontal LoRA changes no head"
+            )
+        if held != folder_heads:
+            raise TrainingError(
+                f"{init} has heads for depths {folder_heads}: pass --depths "
+                f"{','.join(map(str, folder_heads))} (adding horizontal LoRA changes no head)"
+            )
+        if model.mean_pooled != mean_pooled_depths(init, self.module.config, held):
+            want = "cls" if cfg.depth_pooling == MEAN_POOLING else MEAN_POOLING
+            raise TrainingError(
+                f"{init}'s depth heads are {want}-pooled: pass --depth-pooling {want} "
+                "(adding horizontal LoRA changes no head)"
+            )
+        self.module.add_lora(
+            spec.rank,
+            spec.alpha,
+            cfg.lora_targets,
+            horizontal=True,
+            seed=cfg.seed,
+            vertical=False,
+        )
+        return {"trains": HORIZONTAL_ONLY}
 
     # -- batches and losses --------------------------------------------------------------------
 
