@@ -177,6 +177,12 @@ def distill_parser() -> argparse.ArgumentParser:
         "a bare encoder with the teacher's tokenizer (its head drawn from --seed)",
     )
     p.add_argument(
+        "--student-pooling",
+        choices=("cls", "mean"),
+        help="what the student's head reads (default: as its --student-init's head does); "
+        "cls lets the last layer run for [CLS] alone, mean reads every token of it",
+    )
+    p.add_argument(
         "--queries",
         choices=("train", "pseudo", "both"),
         default="train",
@@ -326,6 +332,7 @@ def main_distill(argv: Sequence[str]) -> int:
             student_num_layers=len(ns.layer_map) if ns.layer_map else ns.student_layers,
             student_layers=ns.layer_map,
             student_init=ns.student_init,
+            student_pooling=ns.student_pooling,
             query_source=ns.queries,
             pseudo_queries=ns.pseudo_queries if ns.queries != "train" else 0,
             **_config_kwargs(ns),

@@ -194,6 +194,14 @@ class TrainableReranker(nn.Module):
             frozenset(self.depths) if pooling == MEAN_POOLING else frozenset()
         )
 
+    def set_head_pooling(self, pooling: str) -> None:
+        """Make the model's own head read the token mean ("mean") or the pooled [CLS]."""
+        if pooling not in ("cls", MEAN_POOLING):
+            raise ValueError(f"head pooling must be 'cls' or 'mean', got {pooling!r}")
+        full = self.config.num_layers
+        rest = self.model.mean_pooled - {full}
+        self.model.mean_pooled = rest | ({full} if pooling == MEAN_POOLING else set())
+
     def init_heads_from_classifier(self) -> None:
         """Start every depth head as a copy of the full-depth head: a trained model's head
         is a better start than noise, since all depths share the pooler."""
@@ -392,10 +400,9 @@ def save_model_folder(
     save_safetensors(out / "model.safetensors", module.export_state(), meta_st)
     meta = dict(info)
     # how the model's own head pools is part of its architecture: an extracted depth trained
-    # further (`--student-init`) keeps its token-mean head
-    head_pooling = read_meta(template).get("head_pooling")
-    if head_pooling is not None:
-        meta.setdefault("head_pooling", head_pooling)
+    # further (`--student-init`) keeps its token-mean head unless told otherwise
+    if module.config.num_layers in module.model.mean_pooled:
+        meta["head_pooling"] = MEAN_POOLING
     if module.depths or module.model.lora_spec is not None:
         meta["matryoshka"] = matryoshka_description(module)
     write_json(out / "rerankd.json", meta)

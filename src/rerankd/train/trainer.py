@@ -141,6 +141,8 @@ class TrainConfig:
     student_layers: list[int] | None = None
     #: a cross-encoder folder to start the student from instead of teacher layers
     student_init: str | None = None
+    #: what the student's head reads: "cls" or "mean" (None: as its init's head does)
+    student_pooling: str | None = None
     query_source: str = "train"
     pseudo_queries: int = 0
     # matryoshka
@@ -250,6 +252,13 @@ class TrainConfig:
             raise TrainingError("student distillation needs a teacher cross-encoder folder")
         if self.student_init and self.mode != "student":
             raise TrainingError("student_init is for student distillation")
+        if self.student_pooling is not None:
+            if self.mode != "student":
+                raise TrainingError("student_pooling is for student distillation")
+            if self.student_pooling not in ("cls", MEAN_POOLING):
+                raise TrainingError(
+                    f"student_pooling must be 'cls' or 'mean', got {self.student_pooling!r}"
+                )
         uses_labels = self.ce_weight > 0
         uses_teacher = (self.teacher_scores is not None or self.mode == "student") and (
             self.distill_weight > 0
@@ -457,6 +466,11 @@ class Trainer:
             self.module = load_trainable(init, depths=[])
             self.template = init
             info = {**info, "init": str(cfg.student_init)}
+            if cfg.student_pooling is not None:
+                # a [CLS] head lets the last layer run for [CLS] alone (the speed of a
+                # 2-layer student: `CrossEncoder.forward`); the init's head weights carry over
+                self.module.set_head_pooling(cfg.student_pooling)
+                info["head_pooling"] = cfg.student_pooling
         elif teacher_dir is not None:
             tcfg = ModelConfig.from_file(teacher_dir / "config.json")
             layers = cfg.student_layers or default_student_layers(
