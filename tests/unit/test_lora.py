@@ -135,16 +135,32 @@ def test_horizontal_lora_applies_only_when_pruning(lora_folder: Path) -> None:
         )
 
 
-def test_torch_backend_serves_the_compensation(lora_folder: Path) -> None:
+def test_torch_backend_serves_the_compensation_merged(lora_folder: Path) -> None:
+    """Each compensated configuration runs on a copy with its updates folded in (made once,
+    no LoRA modules left); it scores as the unmerged model does. Uncompensated
+    configurations run on the model itself."""
     backend = TorchBackend(load_cross_encoder(lora_folder))
     model = load_cross_encoder(lora_folder)
     batch = _batch(2)
     arrays = {k: v.numpy() for k, v in batch.items()}
+    protected = {"protected": _protected(batch).numpy()}
     with torch.no_grad():
-        np.testing.assert_allclose(backend.score(arrays, depth=3), model(**batch, depth=3))
-        want = model.forward_pruned(**batch, keep=KEEP, protected=_protected(batch))
-    pruned = backend.score_pruned(arrays | {"protected": _protected(batch).numpy()}, KEEP)
-    np.testing.assert_allclose(pruned, want)
+        for depth in (1, 2, 3, None):
+            want = model(**batch, depth=depth).numpy()
+            np.testing.assert_allclose(backend.score(arrays, depth=depth), want, atol=1e-5)
+        for keep in (KEEP, KEEP[:3], KEEP[:2]):  # full depth; depth 3 (both updates); depth 2
+            want = model.forward_pruned(**batch, keep=keep, protected=_protected(batch))
+            got = backend.score_pruned(arrays | protected, keep)
+            np.testing.assert_allclose(got, want.numpy(), atol=1e-5)
+    assert backend.serving_model(2, pruned=False) is backend.model  # no LoRA at depth 2
+    assert backend.serving_model(None, pruned=False) is backend.model
+    for config in ((1, False), (3, False), (3, True), (LAYERS, True), (2, True)):
+        served = backend.serving_model(*config)
+        assert served is not backend.model and served is backend.serving_model(*config)
+        assert not any(n.startswith("lora_") for n, _ in served.named_parameters()), config
+    assert sorted(backend._merged, key=str) == sorted(
+        [(1, False), (3, False), (3, True), (LAYERS, True), (2, True)], key=str
+    )
 
 
 def test_onnx_graph_at_depth_k_includes_its_compensation(lora_folder: Path, tmp_path: Path) -> None:

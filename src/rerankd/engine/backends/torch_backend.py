@@ -1,6 +1,16 @@
-"""PyTorch backend: fp32 or bf16 on CPU, fp16 or bf16 on CUDA."""
+"""PyTorch backend: fp32 or bf16 on CPU, fp16 or bf16 on CUDA.
+
+A configuration with LoRA compensation (a depth with vertical LoRA, token pruning with
+horizontal LoRA) is served by a copy of the model with those updates folded into its
+weights (`CrossEncoder.merged`), made on first use and kept: run unmerged, the rank-16
+updates cost two small matmuls per linear per layer, which took a quarter of the time a
+keep ratio of 0.5 saves on MiniLM-L6 (TREC DL 2019, 2 cores). Each copy holds the model's
+weights once more.
+"""
 
 from __future__ import annotations
+
+import threading
 
 import numpy as np
 import torch
@@ -26,16 +36,33 @@ class TorchBackend(Backend):
         self.dtype = _DTYPES[precision]
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
         self.info = BackendInfo("torch", precision, str(self.device))
+        #: (depth, pruned) -> the model with that configuration's LoRA folded in
+        self._merged: dict[tuple[int | None, bool], CrossEncoder] = {}
+        self._merge_lock = threading.Lock()
+
+    def serving_model(self, depth: int | None, pruned: bool) -> CrossEncoder:
+        """The module that serves a configuration: the model itself, or (if the
+        configuration has LoRA compensation) its merged copy, made once."""
+        adapters = getattr(self.model, "lora_adapters", None)  # JinaBERT has no LoRA
+        if adapters is None or not adapters(depth, pruned):
+            return self.model
+        with self._merge_lock:
+            model = self._merged.get((depth, pruned))
+            if model is None:
+                model = self._merged[(depth, pruned)] = self.model.merged(depth, pruned).eval()
+        return model
 
     def score(self, batch: dict[str, np.ndarray], depth: int | None = None) -> np.ndarray:
         inputs = {k: torch.from_numpy(v).to(self.device) for k, v in batch.items()}
+        model = self.serving_model(depth, pruned=False)
         with torch.inference_mode():
-            logits = self.model(**inputs, depth=depth)
+            logits = model(**inputs, depth=depth)
         return logits.float().cpu().numpy()
 
     def score_pruned(self, batch: dict[str, np.ndarray], keep: tuple[float, ...]) -> np.ndarray:
         inputs = {k: torch.from_numpy(v).to(self.device) for k, v in batch.items()}
         protected = inputs.pop("protected")
+        model = self.serving_model(len(keep), pruned=any(r < 1.0 for r in keep))
         with torch.inference_mode():
-            logits = self.model.forward_pruned(**inputs, keep=keep, protected=protected)
+            logits = model.forward_pruned(**inputs, keep=keep, protected=protected)
         return logits.float().cpu().numpy()

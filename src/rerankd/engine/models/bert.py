@@ -218,18 +218,24 @@ def _kind_order(kind: str) -> tuple[bool, int, str]:
 
 
 def fold_lora(
-    weights: Mapping[str, torch.Tensor], kind: str | None, scale: float, prefix: str
+    weights: Mapping[str, torch.Tensor],
+    kind: str | Sequence[str] | None,
+    scale: float,
+    prefix: str,
 ) -> dict[str, torch.Tensor]:
-    """`weights` without LoRA tensors, adapter `kind`'s updates folded into the linears
-    (W + scale B A). `prefix` is the backbone's (`bert` or `roberta`); kind None drops all."""
+    """`weights` without LoRA tensors, the updates of adapter `kind` (or of each of several
+    kinds) folded into the linears (W + scale B A, summed in fp32 and cast back to W's
+    dtype). `prefix` is the backbone's (`bert` or `roberta`); kind None drops all."""
     out = {k: v for k, v in weights.items() if not k.startswith("lora_")}
-    if kind is None:
-        return out
-    for i, targets in lora_layout(weights).get(kind, {}).items():
-        for t in targets:
-            a, b = (weights[f"lora_{kind}.layer{i}.{t}.{x}"] for x in "AB")
-            name = f"{prefix}.encoder.layer.{i}.{t}.weight"
-            out[name] = (out[name] + (b @ a) * scale).contiguous()
+    kinds = [kind] if isinstance(kind, str) else list(kind or ())
+    layout = lora_layout(weights) if kinds else {}
+    for k in kinds:
+        for i, targets in layout.get(k, {}).items():
+            for t in targets:
+                a, b = (weights[f"lora_{k}.layer{i}.{t}.{x}"].float() for x in "AB")
+                name = f"{prefix}.encoder.layer.{i}.{t}.weight"
+                w = out[name]
+                out[name] = (w.float() + (b @ a) * scale).to(w.dtype).contiguous()
     return out
 
 
@@ -607,21 +613,27 @@ class CrossEncoder(nn.Module):
     ) -> tuple[LoraAdapter, ...]:
         """The compensation a configuration runs with: depth k's vertical adapter (k < L),
         and the horizontal one if tokens are pruned (see the module docstring)."""
+        return tuple(self._modules[n] for n in self._adapter_names(depth, pruned))  # type: ignore[misc]
+
+    def _adapter_names(self, depth: int | None, pruned: bool) -> list[str]:
         names = [f"lora_depth{depth}"] if depth and depth < self.config.num_layers else []
         if pruned:
             names.append(f"lora_{KEEP}")
-        return tuple(self._modules[n] for n in names if n in self._modules)  # type: ignore[misc]
+        return [n for n in names if n in self._modules]
 
-    def merged(self, depth: int | None) -> CrossEncoder:
-        """A copy without LoRA modules, depth's vertical updates folded into its weights.
+    def merged(self, depth: int | None, pruned: bool = False) -> CrossEncoder:
+        """A copy without LoRA modules, the updates of the configuration (`depth`, and token
+        pruning if `pruned`) folded into its weights.
 
-        It scores at `depth` exactly as this model does (up to rounding), with one matmul
-        per linear and no LoRA parameters: what the ONNX export traces, since a graph has
-        its depth fixed anyway.
+        It scores that configuration exactly as this model does (up to rounding), with one
+        matmul per linear and no LoRA parameters: what the ONNX export traces, since a graph
+        has its depth fixed anyway, and what the torch backend serves a compensated
+        configuration with (rank-16 updates run unmerged cost more than they save).
         """
-        kind = f"depth{depth}" if self.lora_adapters(depth) else None
+        prefix = len("lora_")
+        kinds = [a_name[prefix:] for a_name in self._adapter_names(depth, pruned)]
         scale = self.lora_spec.scale if self.lora_spec else 1.0
-        state = fold_lora(self.state_dict(), kind, scale, backbone_prefix(self.config))
+        state = fold_lora(self.state_dict(), kinds, scale, backbone_prefix(self.config))
         out = copy.deepcopy(self)
         for name in [n for n in out._modules if n.startswith("lora_")]:
             del out._modules[name]
