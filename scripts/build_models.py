@@ -13,7 +13,10 @@ Stages (each prints and runs documented `rerankd` commands; outputs under --buil
    level: the cascade alone reaches the shallow heads too slowly for a 2-core budget);
    then, base frozen, depth 2 alone with a token-mean head and its own LoRA
    compensation, learning from the full depth (its [CLS]-pooled head had stayed near
-   random: see `rerankd.engine.models.bert.MEAN_POOLING`).
+   random: see `rerankd.engine.models.bert.MEAN_POOLING`); then, everything else frozen,
+   horizontal LoRA: the full depth pruned to half its tokens from layer 2 on learns the
+   unpruned scores (only `lora_keep` trains, so every unpruned score stays as phase 3
+   left it).
 2. `student`: `rerankd-tiny-l2`: the teacher's depth-2 sub-model, extracted
    (`rerankd extract-depth`: two layers with the depth-2 LoRA folded in and the depth-2
    head), then trained as a student of the full teacher (`rerankd distill --student-init`,
@@ -28,7 +31,10 @@ Stages (each prints and runs documented `rerankd` commands; outputs under --buil
 6. `ablation`: what depth-2 self-distillation fixes. The phase-2 weights with every
    per-depth head dropped (`minilm-l6-nocascade`: depth 2 runs the full model's head on
    layer 2; no phase 3) are evaluated at depth 2 on the same sets.
-7. `card`: the model cards (README.md in each model folder) from the logs and eval JSONs.
+7. `pruning`: what horizontal LoRA fixes. The teacher with and without it (phase 4 against
+   phase 3) reranks at keep ratios 0.5 and 0.25 on TREC DL 2019 and CISI (token pruning
+   runs on the torch backend only, fp32: slower than the ONNX evals, hence two sets).
+8. `card`: the model cards (README.md in each model folder) from the logs and eval JSONs.
 
 Everything is seeded; training stops at fixed step counts (`--max-steps`), so a rerun on
 other hardware computes the same trajectory (up to floating-point kernel differences).
@@ -48,12 +54,16 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 MODELS = REPO / "src" / "rerankd" / "models"
-STAGES = ("teacher", "student", "fusion", "publish", "eval", "ablation", "card")
+STAGES = ("teacher", "student", "fusion", "publish", "eval", "ablation", "pruning", "card")
 WORDS = "bert.embeddings.word_embeddings.weight"
 BASE = "bundled:all-minilm-l6-v2"
 SEED = 0
 DEV_QUERIES = 60
 EVAL_SETS = ("trec-dl-2019", "cisi", "cranfield", "scifact")
+#: the keep ratio phase 4 trains at, and those the `pruning` stage evaluates
+KEEP_TRAINED = 0.5
+KEEP_EVAL = "0.5,0.25"
+KEEP_SETS = ("trec-dl-2019", "cisi")
 #: TREC DL's standard setup: rerank the given BM25 run (its corpus is only the runs' union)
 EVAL_RUNS = {"trec-dl-2019": "bm25.top100"}
 
@@ -79,6 +89,14 @@ PHASE3 = [
     "distill", "--matryoshka", "--depths", "2", "--depth-pooling", "mean", "--lora-rank", "16",
     "--lora-freeze-base", "--depth-ce-weight", "0.5", "--epochs", "2", "--lr", "1e-3",
     "--warmup", "0.05",
+]  # fmt: skip
+#: horizontal compensation: base, heads and depth-2 LoRA frozen; rank-16 LoRA on every
+#: layer, used only when tokens are pruned, learning the unpruned full depth's scores (KL)
+#: with half the tokens kept from layer 2 on
+PHASE4 = [
+    "distill", "--matryoshka", "--depths", "2", "--depth-pooling", "mean", "--lora-rank", "16",
+    "--lora-horizontal", str(KEEP_TRAINED), "--lora-freeze-base", "--depth-ce-weight", "0",
+    "--epochs", "2", "--lr", "1e-3", "--warmup", "0.05",
 ]  # fmt: skip
 #: rerankd-tiny-l2: the teacher's depth-2 cut trained further on the teacher's scores (no
 #: labels): SciFact train queries plus 1000 pseudo queries (document titles), 15 BM25
@@ -107,11 +125,12 @@ def run(args: list[str]) -> None:
 
 def train(build: Path, name: str, data: Path) -> None:
     out = build / RECIPES[name][0]
-    phase1, phase2 = (out.with_name(f"{out.name}-phase{k}") for k in (1, 2))
+    phase1, phase2, phase3 = (out.with_name(f"{out.name}-phase{k}") for k in (1, 2, 3))
     for recipe, dst, init in (
         (PHASE1, phase1, []),
         (PHASE2, phase2, ["--model", str(phase1)]),
-        (PHASE3, out, ["--model", str(phase2)]),
+        (PHASE3, phase3, ["--model", str(phase2)]),
+        (PHASE4, out, ["--model", str(phase3)]),
     ):
         resume = ["--resume"] if (dst / "trainer_state.json").exists() else []
         ds = ["--dataset", str(data / "scifact")]
@@ -255,6 +274,63 @@ def ablation(build: Path, data: Path) -> None:
         run(eval_args(build, data, ds, str(dst), ABLATION_TAG, [2]))
 
 
+#: eval tags of the `pruning` stage: the teacher with and without horizontal LoRA
+PRUNED_TAGS = {"keep-lora": "", "keep-nolora": "-phase3"}
+
+
+def pruning(build: Path, data: Path) -> None:
+    """The teacher (phase 4) and its phase-3 weights (no horizontal LoRA) at the keep
+    ratios, torch backend: every unpruned score is the same in both."""
+    for tag, suffix in PRUNED_TAGS.items():
+        folder = build / (RECIPES[TEACHER][0] + suffix)
+        for ds in KEEP_SETS:
+            args = eval_args(build, data, ds, str(folder), tag, [])
+            run([*args, "--backend", "torch", "--keep-ratios", KEEP_EVAL])
+
+
+def _pruning_lines(build: Path) -> list[str]:
+    """The `pruning` stage's figures as a card table (empty if it has not run)."""
+    rows = []
+    for ds in KEEP_SETS:
+        paths = {t: build / "eval" / f"{t}.{ds}.json" for t in PRUNED_TAGS}
+        if not all(p.exists() for p in paths.values()):
+            continue
+        with_, without = (
+            {c["name"]: c for c in _row(json.loads(paths[t].read_text()))["configs"]}
+            for t in PRUNED_TAGS
+        )
+        for key in (k for k in with_ if k.startswith("full") and "+" not in k):
+            a, b = with_[key], without[key]
+            rho = (
+                f"{a['spearman_vs_full']:.2f} | {b['spearman_vs_full']:.2f}"
+                if key != "full"
+                else "- | -"
+            )
+            rows.append(
+                f"| {ds} | {key.replace('full-k', 'keep ')} | {a['metrics']['ndcg@10']:.3f} "
+                f"| {b['metrics']['ndcg@10']:.3f} | {rho} | {a['latency_ms']['p50']:.0f} "
+                f"| {b['latency_ms']['p50']:.0f} |"
+            )
+    if not rows:
+        return []
+    return [
+        "",
+        "## Token pruning (horizontal LoRA, stage `pruning`)",
+        "",
+        "Full depth with only the given share of tokens kept from layer 2 on (Rerank option "
+        "`keep_ratio`; torch backend, fp32). With: this model, whose `lora_keep` updates the "
+        f"engine applies whenever it prunes (trained at keep {KEEP_TRAINED}). Without: its "
+        "phase-3 weights, the same model minus those updates. rho: Spearman with the "
+        "unpruned scores. Unpruned, both score the same; the p50 columns are two runs on "
+        "the same 2 cores (the LoRA updates run unmerged: two rank-16 matmuls per linear).",
+        "",
+        "| set | configuration | NDCG@10 with | without | rho with | rho without | p50 ms with "
+        "| p50 ms without |",
+        "|---|---|---|---|---|---|---|---|",
+        *rows,
+    ]
+
+
 def _row(report: dict[str, Any]) -> dict[str, Any]:
     modes = report["modes"]
     return modes.get("hybrid") or next(iter(modes.values()))
@@ -303,6 +379,7 @@ def _phase_lines(folder: Path, label: str) -> list[str]:
                 else ""
             )
             + (f" (teacher {e['dev']['teacher']['ndcg@10']:.3f})" if "teacher" in e["dev"] else "")
+            + (f", pruned {dev['pruned']['ndcg@10']:.3f}" if "pruned" in dev else "")
         )
     return lines
 
@@ -346,7 +423,10 @@ def card(build: Path, name: str) -> str:
         lines += ["- rerankd-minilm-l6 was trained as follows:"]
     lines += _phase_lines(teacher.with_name(teacher.name + "-phase1"), "phase 1")
     lines += _phase_lines(teacher.with_name(teacher.name + "-phase2"), "phase 2")
-    lines += _phase_lines(teacher, "phase 3 (depth-2 compensation, base frozen)")
+    lines += _phase_lines(
+        teacher.with_name(teacher.name + "-phase3"), "phase 3 (depth-2 compensation, base frozen)"
+    )
+    lines += _phase_lines(teacher, "phase 4 (horizontal compensation, all else frozen)")
     lines += [
         "",
         "## Fusion with the first stage (`fusion.json`)",
@@ -441,6 +521,10 @@ def card(build: Path, name: str) -> str:
         "shared the 2 cores; `bench/` has clean speed figures. Each row's exact command is in "
         "`scripts/build_models.py` (stage `eval`); the JSON and PNG of each run are written "
         "to `build/models/eval/`.",
+    ]
+    if RECIPES[name][1] == "teacher":
+        lines += _pruning_lines(build)
+    lines += [
         "",
         "Licence: the base weights are all-MiniLM-L6-v2 (MIT); SciFact is CC BY-NC 2.0.",
         "",
@@ -481,6 +565,8 @@ def main() -> int:
                 evaluate(ns.build, name, ns.data)
             elif stage == "ablation" and RECIPES[name][1] == "teacher":
                 ablation(ns.build, ns.data)
+            elif stage == "pruning" and RECIPES[name][1] == "teacher":
+                pruning(ns.build, ns.data)
             elif stage == "card":
                 (MODELS / name / "README.md").write_text(card(ns.build, name))
                 print(f"wrote {MODELS / name / 'README.md'}")
