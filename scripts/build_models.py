@@ -322,7 +322,8 @@ def _pruning_lines(build: Path) -> list[str]:
         f"engine applies whenever it prunes (trained at keep {KEEP_TRAINED}). Without: its "
         "phase-3 weights, the same model minus those updates. rho: Spearman with the "
         "unpruned scores. Unpruned, both score the same; the p50 columns are two runs on "
-        "the same 2 cores (the LoRA updates run unmerged: two rank-16 matmuls per linear).",
+        "the same 2 cores (the torch backend serves the pruned model with its LoRA updates "
+        "folded into a copy of the weights).",
         "",
         "| set | configuration | NDCG@10 with | without | rho with | rho without | p50 ms with "
         "| p50 ms without |",
