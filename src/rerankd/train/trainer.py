@@ -560,11 +560,6 @@ class Trainer:
             )
         held = self.module.depths
         folder_heads = head_depths(split_depth_heads(read_weights(init))[1])
-        if cfg.matryoshka_depths and sorted(cfg.matryoshka_depths) != folder_heads:
-            raise TrainingError(
-                f"--depths {','.join(map(str, cfg.matryoshka_depths))}: {init} has heads for "
-                f"depths {folder_heads}, and adding horizontal LoRA changes no head"
-            )
         if held != folder_heads:
             raise TrainingError(
                 f"{init} has heads for depths {folder_heads}: pass --depths "

@@ -630,8 +630,7 @@ class CrossEncoder(nn.Module):
         has its depth fixed anyway, and what the torch backend serves a compensated
         configuration with (rank-16 updates run unmerged cost more than they save).
         """
-        prefix = len("lora_")
-        kinds = [a_name[prefix:] for a_name in self._adapter_names(depth, pruned)]
+        kinds = [n.removeprefix("lora_") for n in self._adapter_names(depth, pruned)]
         scale = self.lora_spec.scale if self.lora_spec else 1.0
         state = fold_lora(self.state_dict(), kinds, scale, backbone_prefix(self.config))
         out = copy.deepcopy(self)
