@@ -4,6 +4,7 @@ long documents whole (a passage past token 512 counts with long_docs="max")."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from rerankd.engine.factory import load_reranker
 from rerankd.engine.loading import lora_meta
@@ -84,5 +85,71 @@ def test_the_default_compensates_token_pruning() -> None:
         docs = [Document(f"o{i}", t) for i, t in enumerate(OTHERS)] + [Document("rel", PASSAGE)]
         pruned = model.rerank(QUERY, docs, options=RerankOptions(keep_ratio=0.5))
         assert pruned.results[0].id == "rel", [(r.id, round(r.score, 3)) for r in pruned.results]
+    finally:
+        model.close()
+
+
+def test_the_default_is_cut_by_name_into_its_depth_2_model(tmp_path) -> None:
+    """`rerankd extract-depth --model rerankd-minilm-l6`: the shipped name resolves as it does
+    for `serve`, the word-embedding table the package shares with its base is restored, and
+    the cut scores as the default served at depth 2 (its depth-2 LoRA folded in)."""
+    from safetensors import safe_open
+
+    from rerankd.cli import main
+
+    out = tmp_path / "d2"
+    argv = ["extract-depth", "--model", DEFAULT_RERANKER, "--depth", "2", "--out", str(out)]
+    assert main(argv) == 0
+    with safe_open(str(out / "model.safetensors"), "pt") as fh:
+        names = list(fh.keys())
+    assert "bert.embeddings.word_embeddings.weight" in names
+    docs = [Document(f"o{i}", t) for i, t in enumerate(OTHERS)] + [Document("rel", PASSAGE)]
+    cut, full = (load_reranker(m, backend="torch") for m in (str(out), DEFAULT_RERANKER))
+    try:
+        alone = {r.id: r.score for r in cut.rerank(QUERY, docs).results}
+        served = full.rerank(QUERY, docs, options=RerankOptions(depth=2)).results
+        assert [r.id for r in served] == sorted(alone, key=alone.__getitem__, reverse=True)
+        for r in served:
+            assert alone[r.id] == pytest.approx(r.score, abs=1e-2), r.id
+    finally:
+        cut.close()
+        full.close()
+
+
+def test_the_default_fine_tunes_on_a_users_qrels_by_name(tmp_path) -> None:
+    """`rerankd train --backbone rerankd-minilm-l6`: a user's qrels continue the shipped
+    model (its head and layers, not the bundled base with a fresh head), and the folder
+    written stands alone (it stores the word embeddings it was given by reference)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from rerankd.cli import main
+    from rerankd.engine.shipped import shipped_dir
+    from rerankd.train.trainer import read_log
+    from tests.helpers import write_toy_beir
+
+    data = write_toy_beir(tmp_path / "toy")
+    out = tmp_path / "tuned"
+    argv = [
+        "train", "--backbone", DEFAULT_RERANKER, "--dataset", str(data), "--out", str(out),
+        "--max-steps", "1", "--lr", "1e-5", "--negatives", "3", "--depth", "8",
+        "--max-length", "32", "--batch-groups", "2", "--dev-queries", "4",
+        "--dev-candidates", "8", "--threads", "1", "--no-progress",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    assert read_log(out)[0]["model"]["head"] == "from checkpoint"
+    assert "external_tensors" not in json.loads((out / "rerankd.json").read_text())
+    tuned = load_file(str(out / "model.safetensors"))
+    shipped = load_file(str(shipped_dir(DEFAULT_RERANKER) / "model.safetensors"))
+    assert "bert.embeddings.word_embeddings.weight" in tuned
+    head = shipped["classifier.weight"].float()
+    # one step at lr 1e-5 moves the shipped head a little; a fresh head would be elsewhere
+    assert torch.allclose(tuned["classifier.weight"].float(), head, atol=1e-3)
+    assert not torch.equal(tuned["classifier.weight"].float(), head)
+    model = load_reranker(str(out), backend="torch")
+    try:
+        docs = [Document(f"o{i}", t) for i, t in enumerate(OTHERS)] + [Document("rel", PASSAGE)]
+        assert model.rerank(QUERY, docs).results[0].id == "rel"
     finally:
         model.close()

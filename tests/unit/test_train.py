@@ -46,37 +46,9 @@ from rerankd.train.modeling import (
 )
 from rerankd.train.trainer import TrainConfig, TrainingError, lr_at, read_log, train
 from rerankd.types import Document
-
-ANIMALS = [
-    "cat", "dog", "horse", "goat", "sheep", "camel", "otter", "badger",
-    "falcon", "heron", "lizard", "salmon", "beetle", "rabbit", "ferret", "donkey",
-]  # fmt: skip
-FOODS = ["grass", "fish", "seeds", "insects", "berries", "roots", "worms", "leaves"]
-
+from tests.helpers import write_toy_beir
 
 # -- fixtures ------------------------------------------------------------------------------------
-
-
-def _write_beir(root: Path) -> Path:
-    """16 queries ("what does the X eat"), each with one relevant document among 32."""
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "qrels").mkdir(exist_ok=True)
-    docs, queries, qrels = [], [], ["query-id\tcorpus-id\tscore"]
-    for i, animal in enumerate(ANIMALS):
-        food = FOODS[i % len(FOODS)]
-        docs.append(
-            {"_id": f"d{i}", "title": f"The {animal}", "text": f"The {animal} eats {food}."}
-        )
-        # A distractor that shares the food but not the animal: a hard negative for BM25.
-        other = FOODS[(i + 3) % len(FOODS)]
-        docs.append({"_id": f"x{i}", "title": "", "text": f"Many animals eat {other} and {food}."})
-        queries.append({"_id": f"q{i}", "text": f"what does the {animal} eat"})
-        qrels.append(f"q{i}\td{i}\t1")
-    (root / "corpus.jsonl").write_text("\n".join(json.dumps(d) for d in docs) + "\n")
-    (root / "queries.jsonl").write_text("\n".join(json.dumps(q) for q in queries) + "\n")
-    (root / "qrels" / "train.tsv").write_text("\n".join(qrels) + "\n")
-    (root / "qrels" / "test.tsv").write_text("\n".join(qrels[:3]) + "\n")
-    return root
 
 
 def _write_model(folder: Path, layers: int = 2, hidden: int = 32, seed: int = 0) -> Path:
@@ -111,7 +83,7 @@ def _write_model(folder: Path, layers: int = 2, hidden: int = 32, seed: int = 0)
 
 @pytest.fixture(scope="module")
 def beir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _write_beir(tmp_path_factory.mktemp("beir") / "toy")
+    return write_toy_beir(tmp_path_factory.mktemp("beir") / "toy")
 
 
 @pytest.fixture(scope="module")

@@ -145,7 +145,8 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--backbone",
         default="bundled:all-minilm-l6-v2",
-        help="bundled:all-minilm-l6-v2, bundled:splade-tiny, or a BERT-family folder "
+        help="bundled:all-minilm-l6-v2, bundled:splade-tiny, a shipped reranker "
+        "(rerankd-minilm-l6: fine-tune the default on your qrels), or a BERT-family folder "
         "(a bare encoder gets a head drawn from --seed)",
     )
     p.add_argument("--teacher-scores", type=Path, help="teacher scores (qid did score) to distil")
@@ -160,7 +161,11 @@ def distill_parser() -> argparse.ArgumentParser:
         "teacher's layers learns the teacher's scores; (b) --matryoshka: every depth k learns "
         "from depth k+1 (per-depth heads in the checkpoint) while the full depth learns labels.",
     )
-    p.add_argument("--teacher", help="teacher cross-encoder folder (student distillation)")
+    p.add_argument(
+        "--teacher",
+        help="teacher cross-encoder folder or shipped name, e.g. rerankd-minilm-l6 (student "
+        "distillation)",
+    )
     p.add_argument(
         "--student-layers", type=_positive_int, default=2, help="layers the student keeps"
     )
@@ -190,7 +195,10 @@ def distill_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--pseudo-queries", type=int, default=500, help="how many pseudo queries")
     p.add_argument("--matryoshka", action="store_true", help="cascaded self-distillation")
-    p.add_argument("--model", help="cross-encoder (or backbone) to train with --matryoshka")
+    p.add_argument(
+        "--model",
+        help="cross-encoder (folder or shipped name) or backbone to train with --matryoshka",
+    )
     p.add_argument("--cascade-loss", choices=DISTILL_LOSSES, default="kl")
     p.add_argument("--cascade-weight", type=float, default=1.0)
     p.add_argument(
@@ -344,19 +352,23 @@ def main_extract_depth(argv: Sequence[str]) -> int:
     """`rerankd extract-depth`: a Matryoshka model's depth cut as a servable model of its own
     (the starting point of `distill --student-init`, or a small model to ship)."""
     from rerankd.errors import RerankdError
-    from rerankd.train.modeling import extract_depth
+    from rerankd.train.modeling import extract_depth, resolve_backbone
 
     p = argparse.ArgumentParser(
         prog="rerankd extract-depth",
         description="Write the first DEPTH layers of a Matryoshka cross-encoder, with that "
         "depth's head and LoRA folded in, as a model that scores as the source at DEPTH.",
     )
-    p.add_argument("--model", type=Path, required=True, help="Matryoshka cross-encoder folder")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="Matryoshka cross-encoder: a folder or a shipped model's name (rerankd-minilm-l6)",
+    )
     p.add_argument("--depth", type=_positive_int, required=True, help="layers to keep")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     ns = p.parse_args(argv)
     try:
-        out = extract_depth(ns.model, ns.depth, ns.out)
+        out = extract_depth(resolve_backbone(ns.model), ns.depth, ns.out)
     except (RerankdError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

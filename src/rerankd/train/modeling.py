@@ -75,6 +75,7 @@ from rerankd.engine.models.bert import (
     mask_bias,
 )
 from rerankd.engine.models.config import ModelConfig
+from rerankd.engine.shipped import SHIPPED, is_shipped, shipped_dir
 from rerankd.engine.tokenize import PairEncoder, collate, load_tokenizer
 from rerankd.errors import ModelLoadError
 
@@ -90,16 +91,26 @@ _LAYER_NAME = re.compile(r"^(bert|roberta)\.encoder\.layer\.(\d+)\.(.+)$")
 
 
 def resolve_backbone(spec: str) -> Path:
-    """`bundled:NAME` -> the bundled *bare* backbone folder; else a local folder.
+    """`bundled:NAME` -> the bundled *bare* backbone folder; a shipped model's name
+    (`rerankd-minilm-l6`) -> its folder; else a local folder.
 
     Unlike serving's `bundled:NAME` (a cross-encoder with a seed-0 head), training wants the
-    backbone itself, so the head is drawn from the run's own seed.
+    backbone itself, so the head is drawn from the run's own seed. A shipped model is a
+    trained cross-encoder, so fine-tuning it on a user's qrels, distilling from it or cutting
+    it (`extract-depth`) starts from its weights; `read_weights` restores the word-embedding
+    table it shares with its base, and every checkpoint written from it stores that table.
+    As for serving, a folder of the same name in the working directory wins.
     """
     if spec.startswith(BUNDLED_PREFIX):
         return backbone_dir(spec[len(BUNDLED_PREFIX) :])
     path = Path(spec).expanduser()
+    if is_shipped(spec) and not path.is_dir():
+        return shipped_dir(spec)
     if not (path / "config.json").is_file():
-        raise ModelLoadError(f"{spec!r} is neither bundled:NAME nor a folder with config.json")
+        raise ModelLoadError(
+            f"{spec!r} is neither bundled:NAME, a shipped model ({', '.join(SHIPPED)}) nor a "
+            "folder with config.json"
+        )
     return path
 
 
