@@ -38,6 +38,14 @@ Stages (each prints and runs documented `rerankd` commands; outputs under --buil
 
 Everything is seeded; training stops at fixed step counts (`--max-steps`), so a rerun on
 other hardware computes the same trajectory (up to floating-point kernel differences).
+
+A smoke run of the whole recipe's wiring (every stage, every command, the cards), on data
+of the same layout, in minutes instead of hours, published outside the package:
+
+    python scripts/build_models.py --data TOY --build /tmp/b --models-dir /tmp/m \
+        --max-steps 1 --dev-queries 8
+
+(`tests/integration/test_build_models.py` runs it on a generated toy data root.)
 """
 
 from __future__ import annotations
@@ -123,7 +131,7 @@ def run(args: list[str]) -> None:
     print(f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
 
 
-def train(build: Path, name: str, data: Path) -> None:
+def train(build: Path, name: str, data: Path, extra: list[str]) -> None:
     out = build / RECIPES[name][0]
     phase1, phase2, phase3 = (out.with_name(f"{out.name}-phase{k}") for k in (1, 2, 3))
     for recipe, dst, init in (
@@ -135,10 +143,10 @@ def train(build: Path, name: str, data: Path) -> None:
         resume = ["--resume"] if (dst / "trainer_state.json").exists() else []
         ds = ["--dataset", str(data / "scifact")]
         # a phase's own flags come after COMMON, so they override it
-        run([recipe[0], *COMMON, *recipe[1:], *init, *ds, "--out", str(dst), *resume])
+        run([recipe[0], *COMMON, *recipe[1:], *init, *ds, "--out", str(dst), *resume, *extra])
 
 
-def student(build: Path, name: str, data: Path) -> None:
+def student(build: Path, name: str, data: Path, extra: list[str]) -> None:
     """The teacher's depth-2 sub-model (its first two layers with the depth-2 LoRA folded in
     and its token-mean depth-2 head) as a model of its own, then every weight of it but the
     word embeddings trained on the teacher's scores (STUDENT). The cut alone is where
@@ -166,16 +174,16 @@ def student(build: Path, name: str, data: Path) -> None:
     resume = ["--resume"] if (out / "trainer_state.json").exists() else []
     run([
         STUDENT[0], *COMMON, *STUDENT[1:], "--teacher", str(teacher), "--student-init", str(init),
-        "--dataset", str(data / "scifact"), "--out", str(out), *resume,
+        "--dataset", str(data / "scifact"), "--out", str(out), *resume, *extra,
     ])  # fmt: skip
 
 
-def fit_fusion(build: Path, name: str, data: Path) -> None:
+def fit_fusion(build: Path, name: str, data: Path, dev_queries: int = DEV_QUERIES) -> None:
     folder = build / RECIPES[name][0]
     runs = build / "dev" / name
     run([
         "eval", "--dataset", str(data / "scifact"), "--split", "train",
-        "--dev-queries", str(DEV_QUERIES), "--dev-seed", str(SEED), "--modes", "hybrid",
+        "--dev-queries", str(dev_queries), "--dev-seed", str(SEED), "--modes", "hybrid",
         "--model", str(folder), "--no-fusion", "--runs-dir", str(runs),
         "--index-dir", str(build / "index" / "scifact"), "--json", str(runs / "eval.json"),
         "--no-progress",
@@ -187,14 +195,14 @@ def fit_fusion(build: Path, name: str, data: Path) -> None:
     ])  # fmt: skip
 
 
-def publish(build: Path, name: str) -> None:
+def publish(build: Path, name: str, models: Path) -> None:
     from rerankd.engine.shipped import publish as publish_model
 
     folder = build / RECIPES[name][0]
     meta = json.loads((folder / "rerankd.json").read_text())
     meta["recipe"] = "scripts/build_models.py (make models)"
     card = (
-        (MODELS / name / "README.md").read_text() if (MODELS / name / "README.md").exists() else ""
+        (models / name / "README.md").read_text() if (models / name / "README.md").exists() else ""
     )
     dst = publish_model(
         folder,
@@ -202,6 +210,7 @@ def publish(build: Path, name: str) -> None:
         external={WORDS: (BASE, WORDS.removeprefix("bert."))},
         meta=meta,
         card=card or f"# {name}\n\nModel card pending: run the `card` stage.\n",
+        dst_root=models,
     )
     print(f"published {dst} ({(dst / 'model.safetensors').stat().st_size / 1e6:.1f} MB)")
 
@@ -211,11 +220,12 @@ def runs_dir(build: Path, name: str, ds: str) -> Path:
     return build / "eval" / "runs" / f"{name}.{ds}"
 
 
-def evaluate(build: Path, name: str, data: Path) -> None:
+def evaluate(build: Path, name: str, data: Path, models: Path) -> None:
     """Each set, keeping raw scores; the student is also compared with the teacher's
-    scores on the same candidates (`--reference-runs`: its rho against the teacher)."""
+    scores on the same candidates (`--reference-runs`: its rho against the teacher). The
+    published folder is what is measured (fp16, as served)."""
     for ds in EVAL_SETS:
-        args = eval_args(build, data, ds, name, name, RECIPES[name][2])
+        args = eval_args(build, data, ds, str(models / name), name, RECIPES[name][2])
         args += ["--runs-dir", str(runs_dir(build, name, ds))]
         if RECIPES[name][1] == "student":
             args += ["--reference-runs", str(runs_dir(build, TEACHER, ds))]
@@ -401,10 +411,10 @@ def _ablation_figures(build: Path) -> dict[str, dict[str, str]]:
     return out
 
 
-def card(build: Path, name: str) -> str:
+def card(build: Path, name: str, models: Path) -> str:
     """The model card: recipe, data, seed, time, and every measured figure (good or bad)."""
     teacher = build / RECIPES[TEACHER][0]
-    fusion = json.loads((MODELS / name / "fusion.json").read_text())
+    fusion = json.loads((models / name / "fusion.json").read_text())
     lines = [
         f"# {name}",
         "",
@@ -499,7 +509,7 @@ def card(build: Path, name: str) -> str:
             + ", ".join(f"{k} {v:.0f}" for k, v in p50.items())
             + " |"
         )
-    max_length = json.loads((MODELS / name / "rerankd.json").read_text()).get("max_length")
+    max_length = json.loads((models / name / "rerankd.json").read_text()).get("max_length")
     ablation_note = (
         '; "without self-distillation" is the stage `ablation` model (the phase-2 weights, '
         "per-depth heads dropped, no phase 3) cut at the same depth, its rho against its own "
@@ -541,7 +551,28 @@ def main() -> int:
     p.add_argument("--data", type=Path, default=DATA)
     p.add_argument("--stages", default=",".join(STAGES))
     p.add_argument("--models", default=",".join(RECIPES))
+    p.add_argument(
+        "--models-dir",
+        type=Path,
+        default=MODELS,
+        help="where `publish` writes (and `eval`, `card` read) the models (default: the package)",
+    )
+    p.add_argument(
+        "--max-steps",
+        type=int,
+        help="cap every training run (a smoke run of the wiring, not the shipped models)",
+    )
+    p.add_argument(
+        "--dev-queries",
+        type=int,
+        default=DEV_QUERIES,
+        help="train queries held apart for the dev metric and the fusion fit (a smoke run on "
+        "a small data set needs fewer)",
+    )
     ns = p.parse_args()
+    extra = ["--max-steps", str(ns.max_steps)] if ns.max_steps is not None else []
+    if ns.dev_queries != DEV_QUERIES:  # after COMMON's, so it overrides it
+        extra += ["--dev-queries", str(ns.dev_queries)]
     stages = [s for s in ns.stages.split(",") if s]
     names = [n for n in ns.models.split(",") if n]
     for bad in [s for s in stages if s not in STAGES] + [n for n in names if n not in RECIPES]:
@@ -555,22 +586,23 @@ def main() -> int:
             if stage != RECIPES[name][1] and stage in ("teacher", "student"):
                 continue
             if stage == "teacher":
-                train(ns.build, name, ns.data)
+                train(ns.build, name, ns.data, extra)
             elif stage == "student":
-                student(ns.build, name, ns.data)
+                student(ns.build, name, ns.data, extra)
             elif stage == "fusion":
-                fit_fusion(ns.build, name, ns.data)
+                fit_fusion(ns.build, name, ns.data, ns.dev_queries)
             elif stage == "publish":
-                publish(ns.build, name)
+                publish(ns.build, name, ns.models_dir)
             elif stage == "eval":
-                evaluate(ns.build, name, ns.data)
+                evaluate(ns.build, name, ns.data, ns.models_dir)
             elif stage == "ablation" and RECIPES[name][1] == "teacher":
                 ablation(ns.build, ns.data)
             elif stage == "pruning" and RECIPES[name][1] == "teacher":
                 pruning(ns.build, ns.data)
             elif stage == "card":
-                (MODELS / name / "README.md").write_text(card(ns.build, name))
-                print(f"wrote {MODELS / name / 'README.md'}")
+                path = ns.models_dir / name / "README.md"
+                path.write_text(card(ns.build, name, ns.models_dir))
+                print(f"wrote {path}")
     return 0
 
 

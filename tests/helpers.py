@@ -144,12 +144,24 @@ ANIMALS = [
 FOODS = ["grass", "fish", "seeds", "insects", "berries", "roots", "worms", "leaves"]
 
 
-def write_toy_beir(root: Path) -> Path:
-    """16 queries ("what does the X eat"), each with one relevant document among 32."""
+ADJECTIVES = ["young", "old", "wild", "tame", "small"]
+
+
+def toy_names(n: int) -> list[str]:
+    """`n` distinct animals: the plain ones first, then adjective + animal."""
+    names = ANIMALS + [f"{a} {b}" for a in ADJECTIVES for b in ANIMALS]
+    if n > len(names):
+        raise ValueError(f"at most {len(names)} toy queries")
+    return names[:n]
+
+
+def write_toy_beir(root: Path, n: int = 16, grade: int = 1) -> Path:
+    """`n` queries ("what does the X eat"), each with one relevant document among 2n, in
+    BEIR layout; `grade` is the relevance it is judged with (TREC DL counts >= 2)."""
     root.mkdir(parents=True, exist_ok=True)
     (root / "qrels").mkdir(exist_ok=True)
     docs, queries, qrels = [], [], ["query-id\tcorpus-id\tscore"]
-    for i, animal in enumerate(ANIMALS):
+    for i, animal in enumerate(toy_names(n)):
         food = FOODS[i % len(FOODS)]
         docs.append(
             {"_id": f"d{i}", "title": f"The {animal}", "text": f"The {animal} eats {food}."}
@@ -158,7 +170,7 @@ def write_toy_beir(root: Path) -> Path:
         other = FOODS[(i + 3) % len(FOODS)]
         docs.append({"_id": f"x{i}", "title": "", "text": f"Many animals eat {other} and {food}."})
         queries.append({"_id": f"q{i}", "text": f"what does the {animal} eat"})
-        qrels.append(f"q{i}\td{i}\t1")
+        qrels.append(f"q{i}\td{i}\t{grade}")
     (root / "corpus.jsonl").write_text("\n".join(json.dumps(d) for d in docs) + "\n")
     (root / "queries.jsonl").write_text("\n".join(json.dumps(q) for q in queries) + "\n")
     (root / "qrels" / "train.tsv").write_text("\n".join(qrels) + "\n")
