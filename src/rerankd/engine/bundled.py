@@ -68,10 +68,10 @@ def resolve_source(source: str) -> Path:
     A shipped name (`rerankd-minilm-l6`) wins over a same-named folder in the working
     directory only when no such folder exists; pass `./NAME` to mean the folder.
     """
-    from rerankd.engine.shipped import is_shipped, shipped_dir
+    from rerankd.engine.shipped import shipped_source
 
-    if is_shipped(source) and not Path(source).is_dir():
-        return shipped_dir(source)
+    if (shipped := shipped_source(source)) is not None:
+        return shipped
     if source.startswith(PREFIX):
         return bundled_cross_encoder(source[len(PREFIX) :])
     from rerankd.engine.checkpoint import resolve

@@ -47,6 +47,14 @@ def is_shipped(source: str) -> bool:
     return source in SHIPPED
 
 
+def shipped_source(source: str) -> Path | None:
+    """The folder of the shipped model `source` names, or None: a name that is not shipped,
+    or a folder of that name in the working directory (which wins; `./NAME` means it)."""
+    if is_shipped(source) and not Path(source).is_dir():
+        return shipped_dir(source)
+    return None
+
+
 def shipped_dir(name: str) -> Path:
     """The folder of a shipped model; a clear error if this install lacks its weights."""
     if name not in SHIPPED:

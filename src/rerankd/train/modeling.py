@@ -75,7 +75,7 @@ from rerankd.engine.models.bert import (
     mask_bias,
 )
 from rerankd.engine.models.config import ModelConfig
-from rerankd.engine.shipped import SHIPPED, is_shipped, shipped_dir
+from rerankd.engine.shipped import SHIPPED, shipped_source
 from rerankd.engine.tokenize import PairEncoder, collate, load_tokenizer
 from rerankd.errors import ModelLoadError
 
@@ -103,9 +103,9 @@ def resolve_backbone(spec: str) -> Path:
     """
     if spec.startswith(BUNDLED_PREFIX):
         return backbone_dir(spec[len(BUNDLED_PREFIX) :])
+    if (shipped := shipped_source(spec)) is not None:
+        return shipped
     path = Path(spec).expanduser()
-    if is_shipped(spec) and not path.is_dir():
-        return shipped_dir(spec)
     if not (path / "config.json").is_file():
         raise ModelLoadError(
             f"{spec!r} is neither bundled:NAME, a shipped model ({', '.join(SHIPPED)}) nor a "
