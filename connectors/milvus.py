@@ -13,6 +13,9 @@ Hybrid mode is one `hybrid_search` call with an `AnnSearchRequest` per field and
 
 from __future__ import annotations
 
+import os
+import socket
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Literal
@@ -281,3 +284,36 @@ class MilvusConnector(Connector):
             first_stage_rank=rank,
             payload=entity,
         )
+
+
+def open_milvus_lite(path: str | os.PathLike[str], wait_s: float = 60.0) -> MilvusClient:
+    """A `MilvusClient` on a Milvus Lite `.db` file, opened once its server takes connections.
+
+    `MilvusClient("x.db")` starts Milvus Lite's process, gives it half a second, and connects
+    at once. On a busy machine the process has not opened its unix socket by then and the
+    connect fails at once ("Fail connecting to server on unix:..."); a longer `timeout` does not
+    help. So this starts the server itself, waits up to `wait_s` until the socket accepts a
+    connection, and only then builds the client (which finds the running server).
+    """
+    from milvus_lite.server_manager import server_manager_instance
+    from pymilvus import MilvusClient
+
+    uri = server_manager_instance.start_and_get_uri(str(path))
+    if uri is None:
+        raise ConnectionError(f"Milvus Lite could not start on {path} (is the file in use?)")
+    sock_path = uri.removeprefix("unix:")
+    deadline = time.monotonic() + wait_s
+    while True:
+        with socket.socket(socket.AF_UNIX) as probe:
+            try:
+                probe.connect(sock_path)
+                break
+            except OSError:
+                pass
+        if time.monotonic() > deadline:
+            server_manager_instance.release_server(str(path))
+            raise ConnectionError(
+                f"Milvus Lite on {path} did not open {sock_path} within {wait_s:g} s"
+            )
+        time.sleep(0.05)  # polling a socket another process will open; no event to wait on
+    return MilvusClient(str(path))

@@ -37,11 +37,9 @@ def open_connector(db: str, folder: Path) -> Connector:
 
         return QdrantConnector(QdrantClient(path=str(folder / "qdrant")))
     if db == "milvus":
-        from pymilvus import MilvusClient
+        from rerankd.connectors.milvus import MilvusConnector, open_milvus_lite
 
-        from rerankd.connectors.milvus import MilvusConnector
-
-        return MilvusConnector(MilvusClient(str(folder / "milvus.db")))
+        return MilvusConnector(open_milvus_lite(folder / "milvus.db"))
     raise SystemExit(f"unknown --db {db!r}; use qdrant or milvus")
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from rerankd.connectors.base import ConnectorError, FirstStageQuery, IndexRecord
+from rerankd.connectors.milvus import open_milvus_lite
 from rerankd.errors import InvalidInputError
 from tests.integration.corpus_fixture import Corpus, check_top_k, load_corpus, rrf
 
@@ -288,12 +289,55 @@ class TestMilvusLite(MilvusContract):
     def client(self, tmp_path_factory) -> Iterator[MilvusClient]:
         pytest.importorskip("milvus_lite")
         db = tmp_path_factory.mktemp("milvus") / "milvus.db"
-        c = MilvusClient(str(db))
+        c = open_milvus_lite(db)
         yield c
         c.close()
         from milvus_lite.server_manager import server_manager_instance
 
         server_manager_instance.release_server(str(db))  # stops the milvus process
+
+
+def _delayed_engine(tmp: Path, script: str) -> Path:
+    """A Milvus Lite bin folder whose `milvus` runs `script` (real libraries beside it)."""
+    real = Path(pytest.importorskip("milvus_lite").__file__).parent / "lib"
+    folder = tmp / "bin"
+    folder.mkdir()
+    for f in real.iterdir():
+        (folder / f.name).symlink_to(f)
+    (folder / "milvus").unlink()
+    (folder / "milvus").write_text(f"#!/bin/sh\n{script.format(real=real)}\n")
+    (folder / "milvus").chmod(0o755)
+    return folder
+
+
+def test_open_milvus_lite_waits_for_a_slow_start(tmp_path, monkeypatch) -> None:
+    """A Milvus Lite process slow to open its socket (as on a loaded CI machine): pymilvus's
+    own `MilvusClient("x.db")` fails, `open_milvus_lite` waits for it and connects."""
+    monkeypatch.setenv(
+        "BIN_PATH", str(_delayed_engine(tmp_path, 'sleep 3\nexec {real}/milvus "$@"'))
+    )
+    from milvus_lite.server_manager import server_manager_instance
+
+    plain = tmp_path / "plain.db"
+    with pytest.raises(Exception, match="Fail connecting"):
+        MilvusClient(str(plain))
+    server_manager_instance.release_server(str(plain))
+    waited = tmp_path / "waited.db"
+    c = open_milvus_lite(waited)
+    try:
+        assert c.list_collections() == []
+    finally:
+        c.close()
+        server_manager_instance.release_server(str(waited))
+
+
+def test_open_milvus_lite_gives_up_with_a_clear_error(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("BIN_PATH", str(_delayed_engine(tmp_path, "exec sleep 60")))
+    db = tmp_path / "never.db"
+    with pytest.raises(ConnectionError, match=r"did not open .* within 1 s"):
+        open_milvus_lite(db, wait_s=1)
+    # it released what it started: Milvus Lite's lock on the file is gone, so it can be reopened
+    assert not (tmp_path / ".never.db.lock").exists()
 
 
 def _free_loopback_port() -> int:

@@ -67,11 +67,9 @@ def qdrant(client):
 def milvus(client, tmp_path_factory):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        from pymilvus import MilvusClient
+        from rerankd.connectors.milvus import MilvusConnector, open_milvus_lite
 
-        from rerankd.connectors.milvus import MilvusConnector
-
-        conn = MilvusConnector(MilvusClient(str(tmp_path_factory.mktemp("milvus") / "m.db")))
+        conn = MilvusConnector(open_milvus_lite(tmp_path_factory.mktemp("milvus") / "m.db"))
     index_documents(conn, "sample", sample_documents(), client=client, progress=False)
     return conn
 
