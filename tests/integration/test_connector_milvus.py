@@ -29,6 +29,7 @@ from tests.integration.corpus_fixture import Corpus, check_top_k, load_corpus, r
 
 pytest.importorskip("pymilvus")
 from pymilvus import MilvusClient
+from pymilvus.exceptions import MilvusException
 
 from rerankd.connectors.milvus import MilvusConnector
 
@@ -319,7 +320,7 @@ def test_open_milvus_lite_waits_for_a_slow_start(tmp_path, monkeypatch) -> None:
     from milvus_lite.server_manager import server_manager_instance
 
     plain = tmp_path / "plain.db"
-    with pytest.raises(Exception, match="Fail connecting"):
+    with pytest.raises(MilvusException, match="Fail connecting"):
         MilvusClient(str(plain))
     server_manager_instance.release_server(str(plain))
     waited = tmp_path / "waited.db"
