@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import socket
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -302,18 +302,30 @@ def open_milvus_lite(path: str | os.PathLike[str], wait_s: float = 60.0) -> Milv
     if uri is None:
         raise ConnectionError(f"Milvus Lite could not start on {path} (is the file in use?)")
     sock_path = uri.removeprefix("unix:")
+    if not wait_for_listener(socket.AF_UNIX, sock_path, wait_s):
+        server_manager_instance.release_server(str(path))
+        raise ConnectionError(f"Milvus Lite on {path} did not open {sock_path} within {wait_s:g} s")
+    return MilvusClient(str(path))
+
+
+def wait_for_listener(
+    family: socket.AddressFamily,
+    address: str | tuple[str, int],
+    wait_s: float,
+    alive: Callable[[], bool] = lambda: True,
+) -> bool:
+    """True once something accepts connections at `address`; False when `wait_s` has passed
+    or `alive()` (say, "the server process still runs") turns false first. A server started
+    as another process gives no event to wait on, so this polls, every 50 ms."""
     deadline = time.monotonic() + wait_s
-    while True:
-        with socket.socket(socket.AF_UNIX) as probe:
+    while alive():
+        with socket.socket(family) as probe:
             try:
-                probe.connect(sock_path)
-                break
+                probe.connect(address)
+                return True
             except OSError:
                 pass
         if time.monotonic() > deadline:
-            server_manager_instance.release_server(str(path))
-            raise ConnectionError(
-                f"Milvus Lite on {path} did not open {sock_path} within {wait_s:g} s"
-            )
-        time.sleep(0.05)  # polling a socket another process will open; no event to wait on
-    return MilvusClient(str(path))
+            return False
+        time.sleep(0.05)
+    return False

@@ -14,7 +14,6 @@ import os
 import re
 import socket
 import sys
-import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -23,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from rerankd.connectors.base import ConnectorError, FirstStageQuery, IndexRecord
-from rerankd.connectors.milvus import open_milvus_lite
+from rerankd.connectors.milvus import open_milvus_lite, wait_for_listener
 from rerankd.errors import InvalidInputError
 from tests.integration.corpus_fixture import Corpus, check_top_k, load_corpus, rrf
 
@@ -367,16 +366,12 @@ class TestMilvusLiteOverTcp(MilvusContract):
         assert server.init() and server.start(), "milvus-lite failed to start"
         proc = server._p
         try:
-            deadline = time.monotonic() + 30
-            while True:
-                assert proc.poll() is None, f"milvus-lite exited with {proc.returncode}"
-                try:
-                    socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                    break
-                except OSError:
-                    if time.monotonic() > deadline:
-                        raise TimeoutError("milvus-lite did not listen within 30 s") from None
-                    time.sleep(0.1)
+            listening = wait_for_listener(
+                socket.AF_INET, ("127.0.0.1", port), 30, alive=lambda: proc.poll() is None
+            )
+            assert proc.poll() is None, f"milvus-lite exited with {proc.returncode}"
+            if not listening:
+                raise TimeoutError("milvus-lite did not listen within 30 s")
             yield port
         finally:
             if proc.poll() is None:
