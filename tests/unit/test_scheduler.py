@@ -11,7 +11,7 @@ import pytest
 from rerankd.engine.backends.base import Backend, BackendInfo
 from rerankd.engine.scheduler import Scheduler, SchedulerConfig, pack
 from rerankd.engine.tokenize import EncodedPair
-from rerankd.errors import DeadlineExceededError, OverloadedError
+from rerankd.errors import DeadlineExceededError, OverloadedError, RerankdError
 
 
 class SumBackendDouble(Backend):
@@ -221,3 +221,28 @@ def test_parallel_backend_failure_fails_the_round_and_keeps_serving() -> None:
         sched.submit([pair(99), pair(1)]).result(5)
     assert sched.submit([pair(2, 3), pair(4)]).result(5).scores.tolist() == [5, 4]
     sched.close()
+
+
+def test_workers_left_running_are_stopped_at_interpreter_exit() -> None:
+    """The exit hook stops a worker its caller never closed, failing (not computing) what
+    is still queued, and forgets schedulers that were closed."""
+    from rerankd.engine import scheduler as mod
+
+    closed = Scheduler(SumBackendDouble(), 0, SchedulerConfig(), "closed")
+    closed.close()
+    assert closed not in mod._LIVE
+    backend = SumBackendDouble()
+    backend.gate = threading.Event()
+    left = Scheduler(backend, 0, SchedulerConfig(), "left")
+    running = left.submit([pair(1)])
+    assert backend.entered.wait(5)
+    queued = left.submit([pair(2)])
+    hook = threading.Thread(target=mod._close_at_exit)
+    hook.start()
+    backend.gate.set()
+    hook.join(10)
+    assert not hook.is_alive() and not left._thread.is_alive()
+    assert running.result(0).scores[0] == 1
+    with pytest.raises(RerankdError, match="shut down"):
+        queued.result(0)
+    assert left not in mod._LIVE
