@@ -175,7 +175,7 @@ def student(build: Path, name: str, data: Path, extra: list[str]) -> None:
       (weight 0.25, gate -0.2), is 0.011 below the first stage on TREC DL 2019.
     - RankNet, with or without `--ce-weight 0.15`: 0.709 / 0.737, 0.52 / 0.45; both fail
       that test (a near miss first).
-    Session notes of 2026-11-23 and 2026-11-24 have the figures."""
+    Session notes of 2026-11-23 have the figures."""
     teacher = build / RECIPES[TEACHER][0]
     out = build / RECIPES[name][0]
     init = out.with_name(out.name + "-init")
