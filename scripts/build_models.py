@@ -406,8 +406,8 @@ def _phase_lines(folder: Path, label: str) -> list[str]:
 
 def _carried_lines(previous: str, label: str) -> list[str]:
     """A training run's card lines as the card's previous render gave them. The `card`
-    stage re-renders a card after a later stage (a re-fitted fusion, a new eval, a student's
-    second run) on a machine that may not hold the earlier runs' build logs; those lines,
+    stage re-renders a card after a later stage (a re-fitted fusion, a new eval, a retrained
+    student) on a machine that may not hold the earlier runs' build logs; those lines,
     rendered from the logs when they were there, are kept rather than lost."""
     lines = previous.splitlines()
     for i, line in enumerate(lines):
@@ -441,7 +441,8 @@ def card(build: Path, name: str, models: Path) -> str:
     """The model card: recipe, data, seed, time, and every measured figure (good or bad)."""
     teacher = build / RECIPES[TEACHER][0]
     fusion = json.loads((models / name / "fusion.json").read_text())
-    previous = (models / name / "README.md").read_text() if (models / name).is_dir() else ""
+    earlier = models / name / "README.md"
+    previous = earlier.read_text() if earlier.is_file() else ""
     carried: list[str] = []  # runs whose lines come from the previous render
 
     def phase(folder: Path, label: str) -> list[str]:
