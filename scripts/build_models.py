@@ -204,15 +204,20 @@ def fit_fusion(build: Path, name: str, data: Path, dev_queries: int = DEV_QUERIE
     ])  # fmt: skip
 
 
+def _earlier_card(models: Path, name: str) -> str:
+    """The model's card as last published ("" before the first): `publish` keeps it and
+    `card` carries from it the lines of runs whose logs are not on this machine."""
+    path = models / name / "README.md"
+    return path.read_text() if path.is_file() else ""
+
+
 def publish(build: Path, name: str, models: Path) -> None:
     from rerankd.engine.shipped import publish as publish_model
 
     folder = build / RECIPES[name][0]
     meta = json.loads((folder / "rerankd.json").read_text())
     meta["recipe"] = "scripts/build_models.py (make models)"
-    card = (
-        (models / name / "README.md").read_text() if (models / name / "README.md").exists() else ""
-    )
+    card = _earlier_card(models, name)
     dst = publish_model(
         folder,
         name,
@@ -441,8 +446,7 @@ def card(build: Path, name: str, models: Path) -> str:
     """The model card: recipe, data, seed, time, and every measured figure (good or bad)."""
     teacher = build / RECIPES[TEACHER][0]
     fusion = json.loads((models / name / "fusion.json").read_text())
-    earlier = models / name / "README.md"
-    previous = earlier.read_text() if earlier.is_file() else ""
+    previous = _earlier_card(models, name)
     carried: list[str] = []  # runs whose lines come from the previous render
 
     def phase(folder: Path, label: str) -> list[str]:
