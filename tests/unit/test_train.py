@@ -238,6 +238,17 @@ def test_groups_are_seeded_and_exclude_positives(beir: Path) -> None:
         split_dev(["a"], 1, 0)
 
 
+def test_dev_seed_holds_apart_the_same_queries_under_another_seed(beir: Path) -> None:
+    """Runs with different --seed compared on (or fused on) one dev set: --dev-seed fixes it."""
+    kw = {"depth": 8, "dev_queries": 4, "dev_candidates": 8}
+    base = load_training_data(beir, seed=3, **kw)
+    other = load_training_data(beir, seed=5, **kw)
+    pinned = load_training_data(beir, seed=5, dev_seed=3, **kw)
+    assert set(other.dev_qids) != set(base.dev_qids)  # the trap: seed alone moves dev
+    assert pinned.dev_qids == base.dev_qids and pinned.train_qids == base.train_qids
+    assert not set(pinned.train_qids) & set(base.dev_qids)
+
+
 def test_teacher_scores_round_trip(tmp_path: Path) -> None:
     scores = {"q1": {"d1": 1.5, "d2": -0.25}}
     path = write_teacher_scores(tmp_path / "t.tsv", scores)
@@ -616,6 +627,21 @@ def test_lora_options_are_validated(tmp_path: Path, beir: Path, model4: Path) ->
     train(_cfg(beir, model4, first, mode="matryoshka", epochs=1, max_steps=1, lora_rank=2))
     with pytest.raises(TrainingError, match="has LoRA compensation already"):
         train(_cfg(beir, first, tmp_path / "d", mode="matryoshka", lora_rank=2))
+
+
+def test_cli_dev_seed_reaches_the_run(tmp_path: Path, beir: Path, model2: Path) -> None:
+    from rerankd.cli import main
+
+    out = tmp_path / "cli"
+    argv = [
+        "train", "--backbone", str(model2), "--dataset", str(beir), "--negatives", "3",
+        "--depth", "8", "--max-length", "32", "--dev-queries", "4", "--dev-candidates", "8",
+        "--batch-groups", "4", "--threads", "1", "--no-progress", "--max-steps", "1",
+        "--seed", "5", "--dev-seed", "3", "--out", str(out),
+    ]  # fmt: skip
+    assert main(argv) == 0
+    config = read_log(out)[0]["config"]
+    assert config["seed"] == 5 and config["dev_seed"] == 3
 
 
 def test_cli_lora_flags(tmp_path: Path, beir: Path, model4: Path) -> None:

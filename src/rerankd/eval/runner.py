@@ -343,7 +343,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="only the N train queries `rerankd train --dev-queries N --seed S` held apart "
         "(needs --split train; what `rerankd fit-fusion` is fitted on)",
     )
-    p.add_argument("--dev-seed", type=int, default=0, help="the training run's --seed")
+    p.add_argument(
+        "--dev-seed",
+        type=int,
+        default=0,
+        help="the training run's --dev-seed (its --seed unless given)",
+    )
     p.add_argument(
         "--no-fusion",
         action="store_true",

@@ -59,6 +59,12 @@ def _common(p: argparse.ArgumentParser, *, lr: float, ce_weight: float) -> None:
     d.add_argument("--max-docs", type=_positive_int, help="cap the corpus (judged docs kept)")
     d.add_argument("--dev-queries", type=int, default=50, help="train queries held apart for dev")
     d.add_argument("--dev-candidates", type=_positive_int, default=30, help="dev rerank depth")
+    d.add_argument(
+        "--dev-seed",
+        type=int,
+        help="seed that picks the dev queries (default: --seed); keep it fixed across runs "
+        "compared on dev or fused on it (rerankd eval --dev-seed)",
+    )
     o = p.add_argument_group("optimisation")
     o.add_argument("--epochs", type=_positive_int, default=1)
     o.add_argument("--lr", type=float, default=lr)
@@ -112,6 +118,7 @@ def _config_kwargs(ns: argparse.Namespace) -> dict:
         "max_docs": ns.max_docs,
         "dev_queries": ns.dev_queries,
         "dev_candidates": ns.dev_candidates,
+        "dev_seed": ns.dev_seed,
         "epochs": ns.epochs,
         "lr": ns.lr,
         "batch_groups": ns.batch_groups,

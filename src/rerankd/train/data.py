@@ -433,6 +433,7 @@ def load_training_data(
     dev_queries: int = 50,
     dev_candidates: int = 30,
     seed: int = 0,
+    dev_seed: int | None = None,
     max_queries: int | None = None,
     max_docs: int | None = None,
     teacher_scores: str | Path | None = None,
@@ -444,7 +445,9 @@ def load_training_data(
     `max_queries` keeps the first N judged queries (dev included), `max_docs` caps the corpus
     the way `rerankd eval` does (judged documents first): both bound a run's time on 2 cores.
     `query_source` is `train` (judged train queries), `pseudo` (pseudo queries from
-    documents, for distillation without labels) or `both`.
+    documents, for distillation without labels) or `both`. `seed` draws the pseudo queries;
+    `dev_seed` (default: `seed`) picks the dev queries, so runs with different seeds can
+    still hold apart the same ones.
     """
     check_trainable(folder, split)
     if query_source not in ("train", "pseudo", "both"):
@@ -453,7 +456,8 @@ def load_training_data(
     data = subset(full, max_queries=max_queries, max_docs=max_docs)
     if not data.queries:
         raise ValueError(f"{full.path} has no judged queries in split {split!r}")
-    train_qids, dev_qids = split_dev(list(data.queries), dev_queries, seed)
+    dev_qids_seed = seed if dev_seed is None else dev_seed
+    train_qids, dev_qids = split_dev(list(data.queries), dev_queries, dev_qids_seed)
     queries = dict(data.queries)
     pseudo_sources: dict[str, str] = {}
     if query_source in ("pseudo", "both"):

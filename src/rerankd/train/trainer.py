@@ -127,6 +127,10 @@ class TrainConfig:
     miner: str = "bm25"
     dev_queries: int = 50
     dev_candidates: int = 30
+    #: the seed that picks the held-apart dev queries (None: `seed`). Runs compared on dev,
+    #: and the fusion fitted on their dev queries (`rerankd eval --dev-seed`), must share it:
+    #: a run with another `seed` would otherwise train on the queries the others hold apart
+    dev_seed: int | None = None
     max_queries: int | None = None
     max_docs: int | None = None
     teacher_scores: Path | None = None
@@ -836,6 +840,7 @@ class Trainer:
             dev_queries=cfg.dev_queries,
             dev_candidates=cfg.dev_candidates,
             seed=cfg.seed,
+            dev_seed=cfg.dev_seed,
             max_queries=cfg.max_queries,
             max_docs=cfg.max_docs,
             teacher_scores=cfg.teacher_scores,
