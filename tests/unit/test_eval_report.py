@@ -257,6 +257,12 @@ def test_eval_reports_every_configuration(fake: FakeClient, tmp_path: Path) -> N
     assert d1["spearman_vs_full"] == pytest.approx(-1.0) and d1["spearman_queries"] == 3
     assert pruned["spearman_vs_full"] == pytest.approx(1.0)
     assert full["spearman_vs_full"] is None
+    # each configuration's paired difference from the first stage, per metric
+    gain = full["vs_first_stage"]["ndcg@10"]
+    first_ndcg = row["first_stage_metrics"]["ndcg@10"]
+    assert gain["mean"] == pytest.approx(1.0 - first_ndcg) and gain["queries"] == 3
+    assert gain["se"] > 0  # the run misranks the three queries by different amounts
+    assert set(d1["vs_first_stage"]) == set(rep["metrics"])
     for c in row["configs"]:
         assert set(c["latency_ms"]) == {"mean", "p50", "p99"}
         assert set(c["per_query"]) == set(QRELS)
@@ -273,6 +279,8 @@ def test_eval_reports_every_configuration(fake: FakeClient, tmp_path: Path) -> N
     # the table: one line per configuration, with rho where it applies
     assert "reranked d1" in table and "reranked full-k0.5" in table and "rho" in table
     assert "-1.000" in table and "p99 ms" in table
+    full_line = next(x for x in table.splitlines() if x.strip().startswith("reranked full "))
+    assert "diff NDCG@10 (se)" in table and f"{gain['mean']:+.4f} ({gain['se']:.4f})" in full_line
     assert f"plot: {plot}" in table
 
     # the plot is a PNG
@@ -407,7 +415,7 @@ def test_table_reads_a_report_without_configurations() -> None:
         row["latency_ms"]["rerank"] = {"mean": 1.0, "p50": 1.0}  # no p99 then
     table = format_table(rep)
     assert sum(line.strip().startswith("reranked") for line in table.splitlines()) == 2
-    assert "rho" not in table
+    assert "rho" not in table and "diff" not in table
 
 
 def test_plot_writes_a_png(tmp_path: Path) -> None:

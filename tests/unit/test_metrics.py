@@ -25,6 +25,7 @@ from rerankd.eval.metrics import (
     evaluate,
     mrr_at_k,
     ndcg_at_k,
+    paired_difference,
     parse_metric,
     rank_by_score,
     recall_at_k,
@@ -155,6 +156,20 @@ def test_metric_names_and_thresholds() -> None:
     assert threshold_for("trec-dl-2019") == 2
     assert threshold_for("TREC-DL-2020") == 2
     assert threshold_for("scifact") == 1
+
+
+def test_paired_difference_over_shared_queries_with_its_standard_error() -> None:
+    base = {"q1": {"m": 0.5}, "q2": {"m": 0.2}, "q3": {"m": 0.9}}
+    other = {"q1": {"m": 0.7}, "q2": {"m": 0.2}, "q3": {"m": 0.6}, "q4": {"m": 1.0}}
+    d = paired_difference(base, other, "m")
+    assert d is not None and d["queries"] == 3  # q4 has no first-stage figure: left out
+    diffs = [0.2, 0.0, -0.3]
+    mean = sum(diffs) / 3
+    sd = math.sqrt(sum((x - mean) ** 2 for x in diffs) / 2)
+    assert d["mean"] == pytest.approx(mean) and d["se"] == pytest.approx(sd / math.sqrt(3))
+    assert paired_difference(base, {"x": {"m": 1.0}}, "m") is None
+    one = paired_difference({"q": {"m": 0.25}}, {"q": {"m": 0.75}}, "m")
+    assert one == {"mean": 0.5, "se": 0.0, "queries": 1}
 
 
 def test_rank_by_score_breaks_ties_like_trec_eval() -> None:

@@ -175,6 +175,29 @@ def evaluate(
     return Evaluation(means, per_query, skipped)
 
 
+def paired_difference(
+    base: Mapping[str, Mapping[str, float]],
+    other: Mapping[str, Mapping[str, float]],
+    metric: str,
+) -> dict[str, float] | None:
+    """`other - base` of one metric over the queries both evaluated: the mean per-query
+    difference, its standard error (sample standard deviation / sqrt(n); 0 for one query)
+    and the query count; None when no query is shared.
+
+    Why paired: a reranker and its first stage are scored on the same queries, and most of
+    the spread of a mean is between queries, not between the two rankings; the paired
+    error says whether a difference (e.g. "fused - first stage") is larger than the noise
+    of that many queries (43 for TREC DL 2019).
+    """
+    qids = sorted(set(base) & set(other))
+    if not qids:
+        return None
+    diffs = [other[q][metric] - base[q][metric] for q in qids]
+    n = len(diffs)
+    se = statistics.stdev(diffs) / math.sqrt(n) if n > 1 else 0.0
+    return {"mean": statistics.fmean(diffs), "se": se, "queries": n}
+
+
 def rank_by_score(scored: Iterable[tuple[str, float]]) -> list[str]:
     """Document ids best first, ordered as trec_eval orders a run: by score descending, ties
     by document id descending (trec_eval ignores the rank column). A repeated id keeps its

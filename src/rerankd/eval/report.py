@@ -130,12 +130,15 @@ def _ms(lat: Mapping[str, float] | None, key: str) -> str:
     return "-" if lat is None or key not in lat else f"{lat[key]:.1f}"
 
 
-def _stages(row: Mapping[str, Any]) -> list[tuple[str, Mapping[str, float], Any, Any, Any]]:
-    """(ranking label, metrics, latency, Spearman vs full, Spearman vs the reference model)
-    per line of one row: its first stage, then each reranker configuration. A report
-    without configurations (written before they existed) shows its one reranked ranking."""
+def _stages(row: Mapping[str, Any], metric: str) -> list[tuple[Any, ...]]:
+    """(ranking label, metrics, latency, Spearman vs full, Spearman vs the reference model,
+    paired difference from the first stage in `metric`) per line of one row: its first
+    stage, then each reranker configuration. A report without configurations (written
+    before they existed) shows its one reranked ranking."""
     first = row["latency_ms"]["first_stage"]
-    lines = [("first stage", row["first_stage_metrics"], first, None, None)]
+    lines: list[tuple[Any, ...]] = [
+        ("first stage", row["first_stage_metrics"], first, None, None, None)
+    ]
     configs = row.get("configs") or [
         {
             "name": "full",
@@ -148,8 +151,13 @@ def _stages(row: Mapping[str, Any]) -> list[tuple[str, Mapping[str, float], Any,
     for c in configs:
         label = "reranked" if single else f"reranked {c['name']}"
         rho, ref = c.get("spearman_vs_full"), c.get("spearman_vs_reference")
-        lines.append((label, c["metrics"], c["latency_ms"], rho, ref))
+        diff = (c.get("vs_first_stage") or {}).get(metric)
+        lines.append((label, c["metrics"], c["latency_ms"], rho, ref, diff))
     return lines
+
+
+def _diff(d: Mapping[str, float] | None) -> str:
+    return "-" if d is None else f"{d['mean']:+.4f} ({d['se']:.4f})"
 
 
 def format_table(report: Mapping[str, Any]) -> str:
@@ -169,13 +177,17 @@ def format_table(report: Mapping[str, Any]) -> str:
     ]
     metrics = report["metrics"]
     rows = report["modes"]
-    stages = {mode: _stages(row) for mode, row in rows.items()}
+    stages = {mode: _stages(row, metrics[0]) for mode, row in rows.items()}
     with_rho = any(s[3] is not None for per in stages.values() for s in per)
     labels = [row["first_stage"] for row in rows.values()]
     width = max([len("first stage"), *map(len, labels)])
     rank_w = max([len("ranking"), *(len(s[0]) for per in stages.values() for s in per)])
     head = f"{'mode':<7} {'first stage':<{width}} {'ranking':<{rank_w}}"
     head += "".join(f" {metric_header(m):>9}" for m in metrics)
+    diff_head = f"diff {metric_header(metrics[0])} (se)"
+    with_diff = any(s[5] is not None for per in stages.values() for s in per)
+    if with_diff:
+        head += f" {diff_head:>18}"
     head += f" {'mean ms':>9} {'p50 ms':>8} {'p99 ms':>8}"
     with_ref = any(s[4] is not None for per in stages.values() for s in per)
     if with_rho:
@@ -184,9 +196,11 @@ def format_table(report: Mapping[str, Any]) -> str:
         head += f" {'rho ref':>7}"
     lines += [head, "-" * len(head)]
     for mode, row in rows.items():
-        for i, (stage, values, lat, rho, ref) in enumerate(stages[mode]):
+        for i, (stage, values, lat, rho, ref, diff) in enumerate(stages[mode]):
             left = f"{mode:<7} {row['first_stage']:<{width}}" if i == 0 else " " * (8 + width)
             vals = "".join(f" {values[m]:>9.4f}" for m in metrics)
+            if with_diff:
+                vals += f" {_diff(diff):>18}"
             line = f"{left} {stage:<{rank_w}}{vals} {_ms(lat, 'mean'):>9} {_ms(lat, 'p50'):>8}"
             line += f" {_ms(lat, 'p99'):>8}"
             if with_rho:
@@ -201,6 +215,12 @@ def format_table(report: Mapping[str, Any]) -> str:
         lines.append(
             "latency per query: first stage = query embedding + DB search; reranked = the "
             "Rerank call alone"
+        )
+    if with_diff:
+        lines.append(
+            f"{diff_head}: mean per-query difference from the first stage on the same queries, "
+            "and its standard error (a difference within about two errors is within the noise "
+            "of this many queries)"
         )
     if with_rho:
         lines.append(

@@ -73,6 +73,7 @@ from rerankd.eval.beir import (
 from rerankd.eval.metrics import (
     DEFAULT_METRICS,
     evaluate,
+    paired_difference,
     parse_metric,
     spearman,
     threshold_for,
@@ -680,6 +681,10 @@ def _row(
                 # candidates with distinct scores
                 "spearman_vs_full": statistics.fmean(got.spearman) if got.spearman else None,
                 "spearman_queries": len(got.spearman),
+                # each metric's paired difference from the first stage, with its error
+                "vs_first_stage": {
+                    m: paired_difference(first.per_query, ev.per_query, m) for m in metrics
+                },
                 "per_query": ev.per_query,
             }
         )
