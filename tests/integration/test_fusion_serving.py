@@ -68,6 +68,27 @@ def test_fusion_auto_fuses_with_the_request_order(sidecar) -> None:
         assert r.model_score == pytest.approx(raw[r.index], abs=1e-5)
 
 
+def test_fusion_keeps_the_first_stage_order_for_a_configuration_it_was_not_fitted_for(
+    sidecar,
+) -> None:
+    """The fitted weight belongs to the full model: a shallower or pruned request under
+    fusion=auto keeps the documents' (first-stage) order, and says so with weight 0."""
+    with RerankClient(sidecar.address) as client:
+        shallow = client.rerank(QUERY, DOCS, fusion="auto", depth=1)
+        pruned = client.rerank(QUERY, DOCS, fusion="auto", keep_ratio=0.5)
+        full = client.rerank(QUERY, DOCS, fusion="auto", depth=2)  # every layer: fitted
+        model_only = client.rerank(QUERY, DOCS, depth=1)
+    for resp in (shallow, pruned):
+        assert resp.fusion_weight == 0.0
+        assert [r.index for r in resp.results] == list(range(len(DOCS)))
+    # the model's own depth-1 scores still come back, and would have reordered the list
+    assert [r.model_score for r in sorted(shallow.results, key=lambda r: r.index)] == (
+        pytest.approx([r.score for r in sorted(model_only.results, key=lambda r: r.index)])
+    )
+    assert [r.index for r in model_only.results] != list(range(len(DOCS)))
+    assert full.fusion_weight == pytest.approx(0.6)
+
+
 def test_fusion_over_http_reports_the_weight(sidecar) -> None:
     body = {"query": QUERY, "documents": DOCS, "fusion": "auto"}
     resp = httpx.post(f"{sidecar.http_url}/v1/rerank", json=body, timeout=30)

@@ -16,7 +16,11 @@ The rule, per request (documents arrive in first-stage order, best first):
   feature alone (w = 0: the first-stage order comes back unchanged).
 
 `w` and `tau` are fitted per model on held-apart dev queries (`rerankd.train.fusion_fit`),
-never on test queries, and stored beside the weights as `fusion.json`.
+never on test queries, and stored beside the weights as `fusion.json`. They are fitted on
+the full model's scores at its default length: a request for another depth or a pruned
+configuration gets `UNFITTED` (the first-stage order), because a weaker configuration under
+the full model's weight can rank below the first stage (rerankd-minilm-l6 at depth 2 with
+its full-depth fusion: 0.025 NDCG@10 below the first stage on TREC DL 2019).
 """
 
 from __future__ import annotations
@@ -67,6 +71,10 @@ class FusionParams:
             method=str(raw.get("method", cls.method)),
             fitted_on=dict(raw.get("fitted_on", {})),
         )
+
+
+#: The fusion of a configuration no fit was made for: weight 0 keeps the first-stage order.
+UNFITTED = FusionParams(0.0, fitted_on={"note": "no fusion fitted for this configuration"})
 
 
 def _z(x: np.ndarray) -> np.ndarray:

@@ -17,7 +17,7 @@ import numpy as np
 
 from rerankd.engine.backends.base import Backend
 from rerankd.engine.cache import CacheConfig, ScoreCache
-from rerankd.engine.fusion import FusionParams, fuse
+from rerankd.engine.fusion import UNFITTED, FusionParams, fuse
 from rerankd.engine.limits import Limits, resolve_keep_schedule, validate_rerank
 from rerankd.engine.model_meta import read_meta
 from rerankd.engine.models.config import ModelConfig
@@ -161,6 +161,13 @@ class Reranker:
     def keep_schedule(self, options: RerankOptions) -> tuple[float, ...]:
         return resolve_keep_schedule(options, options.depth or self.config.num_layers)
 
+    def _full_configuration(self, options: RerankOptions) -> bool:
+        """Whether a request runs the configuration the fusion was fitted on: every layer,
+        no token pruning (`rerankd.engine.fusion`: other configurations keep the first-stage
+        order under fusion)."""
+        full_depth = options.depth in (0, self.config.num_layers)
+        return full_depth and all(r >= 1.0 for r in self.keep_schedule(options))
+
     def encode(
         self, query: str, documents: list[Document], options: RerankOptions
     ) -> PreparedRequest:
@@ -258,7 +265,8 @@ class Reranker:
             scores = 1.0 / (1.0 + np.exp(-raw))
         ranking, weight = scores, 0.0
         if options.fusion == Fusion.AUTO and self.fusion is not None:
-            ranking, weight = fuse(raw, self.fusion)
+            fitted = self._full_configuration(options)
+            ranking, weight = fuse(raw, self.fusion if fitted else UNFITTED)
         order = np.argsort(-ranking, kind="stable")
         if top_n:
             order = order[:top_n]
