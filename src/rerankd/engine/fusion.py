@@ -17,7 +17,7 @@ The rule, per request (documents arrive in first-stage order, best first):
 
 `w` and `tau` are fitted per model on held-apart dev queries (`rerankd.train.fusion_fit`),
 never on test queries, and stored beside the weights as `fusion.json`. They are fitted on
-the full model's scores at its default length: a request for another depth or a pruned
+the full model's scores (every layer, no pruning): a request for another depth or a pruned
 configuration gets `UNFITTED` (the first-stage order), because a weaker configuration under
 the full model's weight can rank below the first stage (rerankd-minilm-l6 at depth 2 with
 its full-depth fusion: 0.025 NDCG@10 below the first stage on TREC DL 2019).

@@ -341,8 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--dev-queries",
         type=int,
         default=0,
-        help="only the N train queries `rerankd train --dev-queries N --seed S` held apart "
-        "(needs --split train; what `rerankd fit-fusion` is fitted on)",
+        help="only the N train queries `rerankd train --dev-queries N` held apart, as "
+        "picked by --dev-seed (needs --split train; what `rerankd fit-fusion` is fitted on)",
     )
     p.add_argument(
         "--dev-seed",
