@@ -367,6 +367,20 @@ def _row(report: dict[str, Any]) -> dict[str, Any]:
     return modes.get("hybrid") or next(iter(modes.values()))
 
 
+def _paired_gap(row: dict[str, Any], config: dict[str, Any] | None) -> str:
+    """`+0.004, se 0.009`: a configuration's NDCG@10 minus the first stage's over the same
+    queries, with the paired standard error (from the per-query figures every eval JSON
+    keeps), so a card shows whether a gap is more than the noise of its queries; "" when
+    the JSON has no per-query figures."""
+    from rerankd.eval.metrics import paired_difference
+
+    first = row.get("per_query", {}).get("first_stage")
+    if not config or not first or "per_query" not in config:
+        return ""
+    d = paired_difference(first, config["per_query"], "ndcg@10")
+    return f"{d['mean']:+.3f}, se {d['se']:.3f}" if d else ""
+
+
 def _phase_lines(folder: Path, label: str) -> list[str]:
     """One training run's log as card lines: its settings, dev figures over time, stop."""
     from datetime import datetime
@@ -509,8 +523,8 @@ def card(build: Path, name: str, models: Path) -> str:
         "## Measured (NDCG@10 of the top-100 candidates reranked; first stage: hybrid in "
         "embedded Qdrant, or the given run)",
         "",
-        "| set | first stage | model alone | fused (hybrid_search default) | by depth "
-        "| rerank p50 ms |",
+        "| set | first stage | model alone | fused (hybrid_search default; minus the first "
+        "stage, paired standard error) | by depth | rerank p50 ms |",
         "|---|---|---|---|---|---|",
     ]
     ablated = _ablation_figures(build) if RECIPES[name][1] == "teacher" else {}
@@ -536,10 +550,14 @@ def card(build: Path, name: str, models: Path) -> str:
             c = cfgs.get(key)
             return c["metrics"]["ndcg@10"] - first if c else 0.0
 
+        fused = nd("full+fusion")
+        paired = _paired_gap(row, cfgs.get("full+fusion"))
+        if paired:
+            fused += f" ({paired})"
         if gap("full") < 0:
             below_first.append(f"{ds} ({gap('full'):+.3f})")
         if gap("full+fusion") < -0.005:
-            fused_short.append(f"{ds} ({gap('full+fusion'):+.3f})")
+            fused_short.append(f"{ds} ({paired or format(gap('full+fusion'), '+.3f')})")
         ref = cfgs.get("full", {}).get("spearman_vs_reference")  # a student vs its teacher
         depth_parts = [f"rho with rerankd-minilm-l6 {ref:.2f}"] if ref is not None else []
         depth_parts += [
@@ -557,7 +575,7 @@ def card(build: Path, name: str, models: Path) -> str:
                 tcfg = {c["name"]: c for c in _row(json.loads(tpath.read_text()))["configs"]}
                 alone += f" (teacher {tcfg['full']['metrics']['ndcg@10']:.3f})"
         lines.append(
-            f"| {ds_label} | {first:.3f} | {alone} | {nd('full+fusion')} | "
+            f"| {ds_label} | {first:.3f} | {alone} | {fused} | "
             f"{'; '.join(depth_parts) or '-'} | "
             + ", ".join(f"{k} {v:.0f}" for k, v in p50.items())
             + " |"

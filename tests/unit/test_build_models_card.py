@@ -5,6 +5,7 @@ from the card's earlier render, word for word, and the card says which were carr
 from __future__ import annotations
 
 import importlib.util
+import json
 import shutil
 from pathlib import Path
 
@@ -42,3 +43,42 @@ def test_a_card_rerendered_without_build_logs_keeps_its_training_lines(
 def test_a_run_with_neither_log_nor_earlier_line_is_an_error() -> None:
     with pytest.raises(FileNotFoundError, match="phase 9"):
         build_models._carried_lines("# card\n\n## Training\n- phase 1: x\n", "phase 9")
+
+
+def test_the_fused_column_gives_the_paired_gap_and_its_error(tmp_path: Path) -> None:
+    """A fused figure 0.004 above the first stage on three queries reads '+0.004, se ...'."""
+    name = "rerankd-tiny-l2"
+    models = tmp_path / "models"
+    (models / name).mkdir(parents=True)
+    for f in ("README.md", "fusion.json", "rerankd.json"):
+        shutil.copy2(shipped_dir(name) / f, models / name / f)
+    first = {"a": 0.5, "b": 0.2, "c": 0.8}
+    fused = {"a": 0.51, "b": 0.2, "c": 0.802}  # differences 0.01, 0, 0.002
+    diffs = [0.01, 0.0, 0.002]
+    mean = sum(diffs) / 3
+    se = (sum((x - mean) ** 2 for x in diffs) / 2) ** 0.5 / 3**0.5
+
+    def config(cname: str, per: dict[str, float]) -> dict:
+        return {
+            "name": cname,
+            "metrics": {"ndcg@10": sum(per.values()) / 3},
+            "latency_ms": {"p50": 1.0},
+            "per_query": {q: {"ndcg@10": v} for q, v in per.items()},
+        }
+
+    report = {
+        "modes": {
+            "run": {
+                "queries": 3,
+                "first_stage_metrics": {"ndcg@10": sum(first.values()) / 3},
+                "per_query": {"first_stage": {q: {"ndcg@10": v} for q, v in first.items()}},
+                "configs": [config("full", first), config("full+fusion", fused)],
+            }
+        }
+    }
+    (tmp_path / "build" / "eval").mkdir(parents=True)
+    (tmp_path / "build" / "eval" / f"{name}.trec-dl-2019.json").write_text(json.dumps(report))
+    card = build_models.card(tmp_path / "build", name, models)
+    line = next(x for x in card.splitlines() if x.startswith("| trec-dl-2019"))
+    assert f"({mean:+.3f}, se {se:.3f})" in line
+    assert "paired standard error" in card
