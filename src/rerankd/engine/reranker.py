@@ -161,12 +161,12 @@ class Reranker:
     def keep_schedule(self, options: RerankOptions) -> tuple[float, ...]:
         return resolve_keep_schedule(options, options.depth or self.config.num_layers)
 
-    def _full_configuration(self, options: RerankOptions) -> bool:
-        """Whether a request runs the configuration the fusion was fitted on: every layer,
-        no token pruning (`rerankd.engine.fusion`: other configurations keep the first-stage
-        order under fusion)."""
+    def _full_configuration(self, options: RerankOptions, schedule: tuple[float, ...]) -> bool:
+        """Whether a request (with its resolved keep `schedule`) runs the configuration the
+        fusion was fitted on: every layer, no token pruning (`rerankd.engine.fusion`: other
+        configurations keep the first-stage order under fusion)."""
         full_depth = options.depth in (0, self.config.num_layers)
-        return full_depth and all(r >= 1.0 for r in self.keep_schedule(options))
+        return full_depth and all(r >= 1.0 for r in schedule)
 
     def encode(
         self, query: str, documents: list[Document], options: RerankOptions
@@ -264,8 +264,9 @@ class Reranker:
         if options.normalization == Normalization.SIGMOID:
             scores = 1.0 / (1.0 + np.exp(-raw))
         ranking, weight = scores, 0.0
+        schedule = self.keep_schedule(options)
         if options.fusion == Fusion.AUTO and self.fusion is not None:
-            fitted = self._full_configuration(options)
+            fitted = self._full_configuration(options, schedule)
             ranking, weight = fuse(raw, self.fusion if fitted else UNFITTED)
         order = np.argsort(-ranking, kind="stable")
         if top_n:
@@ -286,7 +287,7 @@ class Reranker:
             tokens=result.tokens,
             cache_hits=result.cache_hits,
             depth=options.depth or self.config.num_layers,
-            keep_schedule=self.keep_schedule(options),
+            keep_schedule=schedule,
             fusion_weight=weight,
             timings=Timings(
                 queue_us=int(result.queue_s * 1e6),
