@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shlex
 import subprocess
 import sys
@@ -308,6 +309,7 @@ def ablation(build: Path, data: Path) -> None:
 
 #: eval tags of the `pruning` stage: the teacher with and without horizontal LoRA
 PRUNED_TAGS = {"keep-lora": "", "keep-nolora": "-phase3"}
+PRUNING_HEADING = "## Token pruning (horizontal LoRA, stage `pruning`)"
 
 
 def pruning(build: Path, data: Path) -> None:
@@ -318,6 +320,28 @@ def pruning(build: Path, data: Path) -> None:
         for ds in KEEP_SETS:
             args = eval_args(build, data, ds, str(folder), tag, [])
             run([*args, "--backend", "torch", "--keep-ratios", KEEP_EVAL])
+
+
+def _carried_pruning(previous: str) -> list[str]:
+    """The earlier render's token-pruning section (heading to table end), marked as carried;
+    empty if it had none. For a `card` stage on a machine without the `pruning` stage's
+    eval JSONs: what it measures (the shipped teacher, with and without its `lora_keep`)
+    has not changed, so the figures hold."""
+    lines = previous.splitlines()
+    start = next((i for i, x in enumerate(lines) if x.startswith(PRUNING_HEADING)), None)
+    if start is None:
+        return []
+    block = [""]
+    for line in lines[start:]:
+        if block[-1].startswith("|") and not line.startswith("|"):
+            break
+        block.append(line)
+    return [
+        *block,
+        "",
+        "(these pruning figures are this card's earlier render of the `pruning` stage, "
+        "whose eval JSONs were not on the machine that rendered this one)",
+    ]
 
 
 def _pruning_lines(build: Path) -> list[str]:
@@ -347,7 +371,7 @@ def _pruning_lines(build: Path) -> list[str]:
         return []
     return [
         "",
-        "## Token pruning (horizontal LoRA, stage `pruning`)",
+        PRUNING_HEADING,
         "",
         "Full depth with only the given share of tokens kept from layer 2 on (Rerank option "
         "`keep_ratio`; torch backend, fp32). With: this model, whose `lora_keep` updates the "
@@ -448,12 +472,28 @@ def _carried_lines(previous: str, label: str) -> list[str]:
     raise FileNotFoundError(f"no train_log.jsonl for {label!r}, and no earlier card line for it")
 
 
-def _ablation_figures(build: Path) -> dict[str, dict[str, str]]:
-    """Per set and depth config, the ablation's figures as a card fragment."""
+#: an ablation fragment inside a card row's "by depth" cell, and the depth config it follows
+_ABLATION_FRAGMENT = re.compile(r"(d\d+): [^|]*?(; without self-distillation [\d.]+, rho -?[\d.]+)")
+
+
+def _ablation_figures(
+    build: Path, previous: str = "", carried: list[str] | None = None
+) -> dict[str, dict[str, str]]:
+    """Per set and depth config, the ablation's figures as a card fragment.
+
+    A set whose ablation JSON is not on this machine keeps the fragment of the card's
+    earlier render (like `_carried_lines`: the ablation model is the unchanged phase-2
+    weights, so its figures stay true across re-renders); such sets are added to
+    `carried`."""
     out: dict[str, dict[str, str]] = {}
     for ds in EVAL_SETS:
         path = build / "eval" / f"{ABLATION_TAG}.{ds}.json"
         if not path.exists():
+            row = next((x for x in previous.splitlines() if x.startswith(f"| {ds} ")), "")
+            for depth, fragment in _ABLATION_FRAGMENT.findall(row):
+                out.setdefault(ds, {})[depth] = fragment
+            if ds in out and carried is not None:
+                carried.append(ds)
             continue
         for c in _row(json.loads(path.read_text())).get("configs", []):
             if c["name"].startswith("d") and c.get("spearman_vs_full") is not None:
@@ -529,7 +569,12 @@ def card(build: Path, name: str, models: Path) -> str:
         "stage, paired standard error) | by depth | rerank p50 ms |",
         "|---|---|---|---|---|---|",
     ]
-    ablated = _ablation_figures(build) if RECIPES[name][1] == "teacher" else {}
+    ablation_carried: list[str] = []  # sets whose ablation figures are the earlier render's
+    ablated = (
+        _ablation_figures(build, previous, ablation_carried)
+        if RECIPES[name][1] == "teacher"
+        else {}
+    )
     below_first: list[str] = []  # sets where the model alone is below the first stage
     fused_short: list[str] = []  # sets where fusion loses more than the 0.005 bound
     for ds in EVAL_SETS:
@@ -607,8 +652,16 @@ def card(build: Path, name: str, models: Path) -> str:
         "`scripts/build_models.py` (stage `eval`); the JSON and PNG of each run are written "
         "to `build/models/eval/`.",
     ]
+    if ablation_carried:
+        lines += [
+            "",
+            '(the "without self-distillation" figures on '
+            + ", ".join(ablation_carried)
+            + " are this card's earlier render of the `ablation` stage, whose eval JSONs were "
+            "not on the machine that rendered this one)",
+        ]
     if RECIPES[name][1] == "teacher":
-        lines += _pruning_lines(build)
+        lines += _pruning_lines(build) or _carried_pruning(previous)
     lines += [
         "",
         "Licence: the base weights are all-MiniLM-L6-v2 (MIT); SciFact is CC BY-NC 2.0.",

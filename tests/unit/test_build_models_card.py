@@ -1,6 +1,7 @@
 """The `card` stage of `scripts/build_models.py` re-renders a shipped model's card on a
-machine without the build logs of its training runs: each run's lines are carried over
-from the card's earlier render, word for word, and the card says which were carried."""
+machine without the build logs of its training runs, or the eval JSONs of its `ablation`
+and `pruning` stages: those lines are carried over from the card's earlier render, word
+for word, and the card says which were carried."""
 
 from __future__ import annotations
 
@@ -38,6 +39,74 @@ def test_a_card_rerendered_without_build_logs_keeps_its_training_lines(
     assert _training(after) == _training(before)
     assert '"phase 4 (horizontal compensation, all else frozen)"' in after  # marked carried
     assert "| scifact | not measured |" in after  # no eval JSON here: said, not invented
+
+
+def test_ablation_and_pruning_figures_are_carried_and_marked() -> None:
+    """The teacher's card as shipped: its ablation fragments and pruning table survive a
+    render without their eval JSONs (where a fresh eval JSON exists for the set, the row
+    itself is re-rendered around the carried fragment)."""
+    before = (shipped_dir("rerankd-minilm-l6") / "README.md").read_text()
+    carried: list[str] = []
+    ablated = build_models._ablation_figures(Path("/nonexistent"), before, carried)
+    for ds in build_models.EVAL_SETS:
+        row = next(x for x in before.splitlines() if x.startswith(f"| {ds} "))
+        assert ablated[ds]["d2"] in row
+        assert ablated[ds]["d2"].startswith("; without self-distillation ")
+    assert carried == list(build_models.EVAL_SETS)
+    pruning = build_models._carried_pruning(before)
+    assert pruning[1] == build_models.PRUNING_HEADING
+    table = [x for x in pruning if x.startswith("| ")]
+    assert table and all(x in before for x in table)
+    assert "earlier render of the `pruning` stage" in pruning[-1]
+    # carried twice gives the same section, not a growing one
+    again = build_models._carried_pruning("\n".join(pruning) + "\n\nLicence: x\n")
+    assert again == pruning
+    assert build_models._carried_pruning("# card without pruning\n") == []
+
+
+def test_a_fresh_eval_row_keeps_the_carried_ablation_fragment(tmp_path: Path) -> None:
+    name = "rerankd-minilm-l6"
+    models = tmp_path / "models"
+    (models / name).mkdir(parents=True)
+    for f in ("README.md", "fusion.json", "rerankd.json"):
+        shutil.copy2(shipped_dir(name) / f, models / name / f)
+    per = {"a": 0.5, "b": 0.2}
+
+    def config(cname: str, rho: float | None = None) -> dict:
+        return {
+            "name": cname,
+            "metrics": {"ndcg@10": 0.35},
+            "latency_ms": {"p50": 1.0},
+            "spearman_vs_full": rho,
+            "per_query": {q: {"ndcg@10": v} for q, v in per.items()},
+        }
+
+    report = {
+        "modes": {
+            "run": {
+                "queries": 2,
+                "first_stage_metrics": {"ndcg@10": 0.35},
+                "per_query": {"first_stage": {q: {"ndcg@10": v} for q, v in per.items()}},
+                "configs": [
+                    config("full"),
+                    config("full+fusion"),
+                    config("d2", 0.5),
+                    config("d2+fusion"),
+                ],
+            }
+        }
+    }
+    (tmp_path / "build" / "eval").mkdir(parents=True)
+    (tmp_path / "build" / "eval" / f"{name}.cisi.json").write_text(json.dumps(report))
+    card = build_models.card(tmp_path / "build", name, models)
+    row = next(x for x in card.splitlines() if x.startswith("| cisi "))
+    old = next(
+        x for x in (models / name / "README.md").read_text().splitlines() if x.startswith("| cisi ")
+    )
+    fragment = build_models._ABLATION_FRAGMENT.search(old).group(2)
+    assert "d2: 0.350 (rho 0.50; fused 0.350" + fragment + ")" in row
+    assert '"without self-distillation" figures on trec-dl-2019, cisi' in card
+    assert build_models.PRUNING_HEADING in card
 
 
 def test_a_run_with_neither_log_nor_earlier_line_is_an_error() -> None:
