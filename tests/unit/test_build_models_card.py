@@ -21,6 +21,42 @@ build_models = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(build_models)
 
 
+def _shipped_copy(tmp_path: Path, name: str) -> Path:
+    """A models dir holding what the `card` stage reads of the shipped `name`."""
+    models = tmp_path / "models"
+    (models / name).mkdir(parents=True)
+    for f in ("README.md", "fusion.json", "rerankd.json"):
+        shutil.copy2(shipped_dir(name) / f, models / name / f)
+    return models
+
+
+def _config(name: str, per: dict[str, float], rho: float | None = None) -> dict:
+    """An eval JSON configuration with per-query NDCG@10 `per` (and its mean)."""
+    return {
+        "name": name,
+        "metrics": {"ndcg@10": sum(per.values()) / len(per)},
+        "latency_ms": {"p50": 1.0},
+        "spearman_vs_full": rho,
+        "per_query": {q: {"ndcg@10": v} for q, v in per.items()},
+    }
+
+
+def _write_eval(build: Path, tag: str, first: dict[str, float], configs: list[dict]) -> None:
+    """`build/eval/TAG.json` as `rerankd eval` writes it: one mode, its first stage, configs."""
+    report = {
+        "modes": {
+            "run": {
+                "queries": len(first),
+                "first_stage_metrics": {"ndcg@10": sum(first.values()) / len(first)},
+                "per_query": {"first_stage": {q: {"ndcg@10": v} for q, v in first.items()}},
+                "configs": configs,
+            }
+        }
+    }
+    (build / "eval").mkdir(parents=True, exist_ok=True)
+    (build / "eval" / f"{tag}.json").write_text(json.dumps(report))
+
+
 def _training(card: str) -> list[str]:
     lines = card.split("## Training\n", 1)[1].split("\n## ", 1)[0].splitlines()
     return [x for x in lines if x and not x.startswith("- (the lines of")]
@@ -30,10 +66,7 @@ def _training(card: str) -> list[str]:
 def test_a_card_rerendered_without_build_logs_keeps_its_training_lines(
     tmp_path: Path, name: str
 ) -> None:
-    models = tmp_path / "models"
-    (models / name).mkdir(parents=True)
-    for f in ("README.md", "fusion.json", "rerankd.json"):
-        shutil.copy2(shipped_dir(name) / f, models / name / f)
+    models = _shipped_copy(tmp_path, name)
     before = (models / name / "README.md").read_text()
     after = build_models.card(tmp_path / "empty-build", name, models)
     assert _training(after) == _training(before)
@@ -66,38 +99,10 @@ def test_ablation_and_pruning_figures_are_carried_and_marked() -> None:
 
 def test_a_fresh_eval_row_keeps_the_carried_ablation_fragment(tmp_path: Path) -> None:
     name = "rerankd-minilm-l6"
-    models = tmp_path / "models"
-    (models / name).mkdir(parents=True)
-    for f in ("README.md", "fusion.json", "rerankd.json"):
-        shutil.copy2(shipped_dir(name) / f, models / name / f)
+    models = _shipped_copy(tmp_path, name)
     per = {"a": 0.5, "b": 0.2}
-
-    def config(cname: str, rho: float | None = None) -> dict:
-        return {
-            "name": cname,
-            "metrics": {"ndcg@10": 0.35},
-            "latency_ms": {"p50": 1.0},
-            "spearman_vs_full": rho,
-            "per_query": {q: {"ndcg@10": v} for q, v in per.items()},
-        }
-
-    report = {
-        "modes": {
-            "run": {
-                "queries": 2,
-                "first_stage_metrics": {"ndcg@10": 0.35},
-                "per_query": {"first_stage": {q: {"ndcg@10": v} for q, v in per.items()}},
-                "configs": [
-                    config("full"),
-                    config("full+fusion"),
-                    config("d2", 0.5),
-                    config("d2+fusion"),
-                ],
-            }
-        }
-    }
-    (tmp_path / "build" / "eval").mkdir(parents=True)
-    (tmp_path / "build" / "eval" / f"{name}.cisi.json").write_text(json.dumps(report))
+    configs = [_config("full", per), _config("full+fusion", per), _config("d2", per, 0.5)]
+    _write_eval(tmp_path / "build", f"{name}.cisi", per, [*configs, _config("d2+fusion", per)])
     card = build_models.card(tmp_path / "build", name, models)
     row = next(x for x in card.splitlines() if x.startswith("| cisi "))
     old = next(
@@ -117,36 +122,14 @@ def test_a_run_with_neither_log_nor_earlier_line_is_an_error() -> None:
 def test_the_fused_column_gives_the_paired_gap_and_its_error(tmp_path: Path) -> None:
     """A fused figure 0.004 above the first stage on three queries reads '+0.004, se ...'."""
     name = "rerankd-tiny-l2"
-    models = tmp_path / "models"
-    (models / name).mkdir(parents=True)
-    for f in ("README.md", "fusion.json", "rerankd.json"):
-        shutil.copy2(shipped_dir(name) / f, models / name / f)
+    models = _shipped_copy(tmp_path, name)
     first = {"a": 0.5, "b": 0.2, "c": 0.8}
     fused = {"a": 0.51, "b": 0.2, "c": 0.802}  # differences 0.01, 0, 0.002
     diffs = [0.01, 0.0, 0.002]
     mean = sum(diffs) / 3
     se = (sum((x - mean) ** 2 for x in diffs) / 2) ** 0.5 / 3**0.5
-
-    def config(cname: str, per: dict[str, float]) -> dict:
-        return {
-            "name": cname,
-            "metrics": {"ndcg@10": sum(per.values()) / 3},
-            "latency_ms": {"p50": 1.0},
-            "per_query": {q: {"ndcg@10": v} for q, v in per.items()},
-        }
-
-    report = {
-        "modes": {
-            "run": {
-                "queries": 3,
-                "first_stage_metrics": {"ndcg@10": sum(first.values()) / 3},
-                "per_query": {"first_stage": {q: {"ndcg@10": v} for q, v in first.items()}},
-                "configs": [config("full", first), config("full+fusion", fused)],
-            }
-        }
-    }
-    (tmp_path / "build" / "eval").mkdir(parents=True)
-    (tmp_path / "build" / "eval" / f"{name}.trec-dl-2019.json").write_text(json.dumps(report))
+    configs = [_config("full", first), _config("full+fusion", fused)]
+    _write_eval(tmp_path / "build", f"{name}.trec-dl-2019", first, configs)
     card = build_models.card(tmp_path / "build", name, models)
     line = next(x for x in card.splitlines() if x.startswith("| trec-dl-2019"))
     assert f"({mean:+.3f}, se {se:.3f})" in line
