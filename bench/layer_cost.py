@@ -74,25 +74,29 @@ def main() -> int:
     requests = load_requests(ns.queries)
     rerankers = {m: load_reranker(m, backend="onnx", precision="int8", threads=1, workers=1)
                  for m in dict.fromkeys(m for _, m, _, _ in CONFIGS)}  # fmt: skip
-    work = {}  # label -> (batches, multiply-adds)
-    last_layer = {}  # label -> what its last layer computes
-    for label, m, depth, _ in CONFIGS:
-        r = rerankers[m]
+    packed = {}  # model -> (its batches, each pair's padded width, its mean-pooled depths)
+    for m, r in rerankers.items():
         batches, widths = [], []
+        sc = r.scheduler.config
         for q, texts in requests:
             docs = [Document(str(k), t) for k, t in enumerate(texts)]
             pairs = r.encode(q, docs, RerankOptions()).encoded.pairs
-            sc = r.scheduler.config
             for group in pack([len(x) for x in pairs], sc.max_batch_tokens, sc.max_batch_size):
                 batch = collate([pairs[k] for k in group], r.config.pad_token_id)
                 batches.append(batch)
                 widths += [batch["input_ids"].shape[1]] * len(group)
-        c = r.config
+        mean_pooled = getattr(load_cross_encoder(r.folder), "mean_pooled", frozenset())
+        packed[m] = (batches, widths, mean_pooled)
+    work = {}  # label -> (batches, multiply-adds)
+    last_layer = {}  # label -> what its last layer computes
+    for label, m, depth, _ in CONFIGS:
+        batches, widths, mean_pooled = packed[m]
+        c = rerankers[m].config
         layers = depth or c.num_layers
-        mean_head = layers in getattr(load_cross_encoder(r.folder), "mean_pooled", ())
+        mean_head = layers in mean_pooled
         macs = multiply_adds(widths, layers, c.hidden_size, c.intermediate_size, not mean_head)
         last_layer[label] = "every token (mean head)" if mean_head else "[CLS] (K, V: every token)"
-        r.backend.score(batches[0], depth)  # build / warm the graph
+        rerankers[m].backend.score(batches[0], depth)  # build / warm the graph
         work[label] = (batches, macs)
     seconds: dict[str, list[float]] = {label: [] for label, *_ in CONFIGS}
     for rnd in range(ns.rounds):
