@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import socket
+import threading
 
 import grpc
 import numpy as np
@@ -240,6 +241,28 @@ def test_round_robin_survives_a_dead_address(sidecar) -> None:
     with RerankClient([dead, sidecar.address], retries=3, timeout=10) as client:
         for _ in range(6):  # every other pick lands on the dead one first
             assert len(client.rerank("q", ["a", "b"]).results) == 2
+
+
+def test_closing_right_after_a_failover_leaves_no_thread_that_raises(sidecar) -> None:
+    """A client closed straight after a call that failed over leaves nothing behind that
+    raises later. (Waiting on grpc.channel_ready_future between retries did: its polling
+    thread outlives the wait and raised "Channel closed" once the client was closed.)"""
+    dead = f"127.0.0.1:{free_port()}"
+    before = set(threading.enumerate())
+    raised: list[threading.ExceptHookArgs] = []
+    previous, threading.excepthook = threading.excepthook, raised.append
+    try:
+        for _ in range(3):
+            with RerankClient([dead, sidecar.address], retries=3, timeout=10) as client:
+                for _ in range(6):  # every other pick lands on the dead one first
+                    assert len(client.rerank("q", ["a", "b"]).results) == 2
+        left = set(threading.enumerate()) - before
+        for thread in left:
+            thread.join(timeout=5)
+    finally:
+        threading.excepthook = previous
+    assert not [t for t in left if t.is_alive()]
+    assert not raised, [f"{r.thread}: {r.exc_value!r}" for r in raised]
 
 
 def test_async_client(sidecar) -> None:
