@@ -3,7 +3,8 @@
 One sidecar serves both transports. Curl-style JSON calls (plain `http.client`, no SDK)
 must rank exactly as the gRPC client does, embeddings must match gRPC Embed, probes must
 answer, /metrics must count exactly the calls made, and bad input must get a 4xx that
-names what to fix while the server keeps answering correctly.
+names what to fix while the server keeps answering correctly. The vendors' own SDKs
+(Cohere's v1 and v2 clients, OpenAI's) pointed at the sidecar must get the same answers.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import math
 from collections.abc import Iterator
 from typing import Any
 
+import cohere
 import numpy as np
+import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -257,6 +260,7 @@ def test_metrics_count_exactly_the_calls_made(
     for _ in range(3):
         assert call(sidecar, "POST", "/v1/rerank", ok)[0] == 200
     assert call(sidecar, "POST", "/rerank", ok)[0] == 200
+    assert call(sidecar, "POST", "/v2/rerank", ok)[0] == 200
     assert call(sidecar, "POST", "/v1/rerank", {"query": "", "documents": ["a"]})[0] == 400
     assert call(sidecar, "POST", "/v1/rerank", {"query": 1})[0] == 422
     for _ in range(2):
@@ -266,7 +270,7 @@ def test_metrics_count_exactly_the_calls_made(
     after = request_counts(sidecar)
     delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
     assert {k: v for k, v in delta.items() if v} == {
-        ("http", "rerank", "200"): 4.0,
+        ("http", "rerank", "200"): 5.0,
         ("http", "rerank", "400"): 1.0,
         ("http", "rerank", "422"): 1.0,
         ("http", "embed", "200"): 2.0,
@@ -290,3 +294,80 @@ def test_metrics_expose_queue_batches_tokens_and_cache(sidecar: SidecarProcess) 
     assert samples[("rerankd_cache_hits_total", ())] == 0.0
     assert samples[("rerankd_ready", ())] == 1.0
     assert any(name == "rerankd_request_duration_seconds_bucket" for name, _ in samples)
+
+
+# --------------------------------------------------------------------------- vendor SDKs
+
+
+def _base_url(sidecar: SidecarProcess) -> str:
+    return f"http://127.0.0.1:{sidecar.http_port}"
+
+
+def _reranker_id(sidecar: SidecarProcess) -> str:
+    status, body = call(sidecar, "GET", "/v1/models")
+    assert status == 200
+    return next(m["id"] for m in body["data"] if m["kind"] == "reranker" and m["is_default"])
+
+
+def test_cohere_sdk_v1_and_v2_rank_as_grpc_does(
+    sidecar: SidecarProcess, grpc_client: RerankClient, corpus: list[str]
+) -> None:
+    docs = corpus[:12]
+    expected = grpc_client.rerank("bread and butter", docs)
+    want = [(r.index, r.score) for r in expected.results]
+    model = _reranker_id(sidecar)
+    v1 = cohere.Client(api_key="unused", base_url=_base_url(sidecar)).rerank(
+        query="bread and butter", documents=docs, model=model, return_documents=True
+    )
+    v2 = cohere.ClientV2(api_key="unused", base_url=_base_url(sidecar)).rerank(
+        model=model, query="bread and butter", documents=docs, top_n=3
+    )
+    for got, n in ((v1, len(docs)), (v2, 3)):
+        assert [r.index for r in got.results] == [i for i, _ in want[:n]]
+        np.testing.assert_allclose(
+            [r.relevance_score for r in got.results], [s for _, s in want[:n]], atol=TOL
+        )
+    assert [r.document.text for r in v1.results] == [docs[i] for i, _ in want]
+
+
+def test_cohere_v2_max_tokens_per_doc_is_max_doc_tokens(
+    sidecar: SidecarProcess, grpc_client: RerankClient, corpus: list[str]
+) -> None:
+    docs = corpus[:6]
+    co = cohere.ClientV2(api_key="unused", base_url=_base_url(sidecar))
+    model = _reranker_id(sidecar)
+    cut = co.rerank(model=model, query="bread", documents=docs, max_tokens_per_doc=6)
+    expected = {
+        r.index: r.score for r in grpc_client.rerank("bread", docs, max_doc_tokens=6).results
+    }
+    full = {r.index: r.score for r in grpc_client.rerank("bread", docs).results}
+    got = {r.index: r.relevance_score for r in cut.results}
+    assert got.keys() == expected.keys()
+    np.testing.assert_allclose(
+        [got[i] for i in sorted(got)], [expected[i] for i in sorted(got)], atol=TOL
+    )
+    assert max(abs(got[i] - full[i]) for i in got) > 1e-3  # the cap did cut the documents
+    with pytest.raises(
+        cohere.core.api_error.ApiError, match="max_tokens_per_doc must be >= 1"
+    ) as err:
+        co.rerank(model=model, query="bread", documents=docs, max_tokens_per_doc=0)
+    assert err.value.status_code == 400
+    with pytest.raises(cohere.core.api_error.ApiError, match="no-such-model") as err:
+        co.rerank(model="no-such-model", query="bread", documents=docs)
+    assert err.value.status_code == 404
+
+
+def test_openai_sdk_embeddings_match_grpc_embed(
+    sidecar: SidecarProcess, grpc_client: RerankClient, corpus: list[str]
+) -> None:
+    texts = corpus[:5]
+    expected = np.asarray(grpc_client.embed(texts).dense)
+    client = openai.OpenAI(api_key="unused", base_url=_base_url(sidecar) + "/v1")
+    for encoding in (openai.NOT_GIVEN, "float"):  # the SDK asks for base64 unless told
+        resp = client.embeddings.create(input=texts, model="", encoding_format=encoding)
+        assert [d.index for d in resp.data] == list(range(len(texts)))
+        got = np.array([d.embedding for d in resp.data], dtype=np.float32)
+        np.testing.assert_allclose(got, expected, atol=TOL)
+    listed = {(m.id, m.kind) for m in client.models.list()}
+    assert (_reranker_id(sidecar), "reranker") in listed
+    assert any(kind == "dense_encoder" for _, kind in listed)

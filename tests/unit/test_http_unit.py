@@ -88,6 +88,20 @@ def test_rerank_body_accepts_strings_and_objects() -> None:
     assert options.normalization is Normalization.RAW and not options.return_documents
 
 
+def test_cohere_v2_max_tokens_per_doc_sets_max_doc_tokens() -> None:
+    def options(**fields: Any) -> Any:
+        body = RerankBody.model_validate({"query": "q", "documents": ["a"], **fields})
+        return rerank_inputs(body)[2]
+
+    assert options().max_doc_tokens == 0  # the server's default
+    assert options(max_tokens_per_doc=512).max_doc_tokens == 512
+    assert options(max_doc_tokens=512, max_tokens_per_doc=512).max_doc_tokens == 512
+    with pytest.raises(InvalidInputError, match="max_tokens_per_doc must be >= 1, got 0"):
+        options(max_tokens_per_doc=0)
+    with pytest.raises(InvalidInputError, match="disagree; they are the same setting"):
+        options(max_doc_tokens=256, max_tokens_per_doc=512)
+
+
 @pytest.mark.parametrize(
     ("payload", "field"),
     [

@@ -6,10 +6,12 @@ same `RerankerService.rerank` / `.embed` paths the gRPC methods call, so both tr
 return the same ranking and the same errors (see `status.py` for the shared table).
 
 Routes:
-- `POST /v1/rerank` (alias `/rerank`): `{query, documents: [str | {text, id?}], model?,
-  top_n?, return_documents?, max_length?, normalize?: "raw" | "sigmoid"}` ->
-  `{id, model, results: [{index, relevance_score, id?, document?: {text}}], usage, meta}`,
-  results best first. `normalize` defaults to "raw", the same scores gRPC returns.
+- `POST /v1/rerank` (aliases `/rerank`, and `/v2/rerank` for Cohere's v2 clients):
+  `{query, documents: [str | {text, id?}], model?, top_n?, return_documents?, max_length?,
+  max_tokens_per_doc?, normalize?: "raw" | "sigmoid"}` -> `{id, model, results: [{index,
+  relevance_score, id?, document?: {text}}], usage, meta}`, results best first.
+  `normalize` defaults to "raw", the same scores gRPC returns. `max_tokens_per_doc` is
+  Cohere v2's name for rerankd's `max_doc_tokens` (tokens read per document).
 - `POST /v1/embeddings` (alias `/embeddings`): OpenAI's `{input, model?, encoding_format?:
   "float" | "base64", dimensions?}` -> `{object: "list", data: [{object: "embedding",
   index, embedding}], model, usage}`. rerankd extensions: `"sparse": true` adds
@@ -67,6 +69,7 @@ log = logging.getLogger(__name__)
 METHODS = {
     "/v1/rerank": "rerank",
     "/rerank": "rerank",
+    "/v2/rerank": "rerank",
     "/v1/embeddings": "embed",
     "/embeddings": "embed",
     "/v1/models": "list_models",
@@ -115,6 +118,7 @@ class RerankBody(BaseModel):
     )
     window_overlap: int = Field(0, description="tokens windows share; 0 = default")
     max_doc_tokens: int = Field(0, description="tokens read per document; 0 = default")
+    max_tokens_per_doc: int | None = Field(None, description="Cohere v2's max_doc_tokens")
     keep_schedule: list[float] = Field(
         default_factory=list, description="token share entering each layer; [] = no pruning"
     )
@@ -216,6 +220,19 @@ def embeddings_payload(result: EmbedResult, body: EmbeddingsBody) -> dict[str, A
 def rerank_inputs(body: RerankBody) -> tuple[list[Document], int, RerankOptions]:
     """Engine arguments for a parsed body; the engine's `validate` checks the values."""
     documents = [Document(d.id or "", d.text) for d in body.documents]
+    max_doc_tokens = body.max_doc_tokens
+    if body.max_tokens_per_doc is not None:
+        if body.max_tokens_per_doc < 1:
+            raise InvalidInputError(
+                f"max_tokens_per_doc must be >= 1, got {body.max_tokens_per_doc}; "
+                "omit it for the server default"
+            )
+        if max_doc_tokens and max_doc_tokens != body.max_tokens_per_doc:
+            raise InvalidInputError(
+                f"max_tokens_per_doc={body.max_tokens_per_doc} and max_doc_tokens="
+                f"{max_doc_tokens} disagree; they are the same setting, send one"
+            )
+        max_doc_tokens = body.max_tokens_per_doc
     options = RerankOptions(
         max_length=body.max_length or 0,
         normalization=Normalization(body.normalize),
@@ -223,7 +240,7 @@ def rerank_inputs(body: RerankBody) -> tuple[list[Document], int, RerankOptions]
         depth=body.depth,
         long_docs=LongDocs(body.long_docs),
         window_overlap=body.window_overlap,
-        max_doc_tokens=body.max_doc_tokens,
+        max_doc_tokens=max_doc_tokens,
         keep_schedule=tuple(body.keep_schedule),
         keep_ratio=body.keep_ratio,
         keep_from_layer=body.keep_from_layer,
@@ -310,7 +327,9 @@ def create_app(
         type_ = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         message = f"{exc.detail}: {request.method} {request.url.path}"
         if exc.status_code == 404:
-            message += "; routes: POST /v1/rerank, POST /v1/embeddings, GET /v1/models"
+            message += (
+                "; routes: POST /v1/rerank (or /v2/rerank), POST /v1/embeddings, GET /v1/models"
+            )
         return JSONResponse(error_body(message, type_), status_code=exc.status_code)
 
     @app.exception_handler(Exception)
@@ -374,9 +393,11 @@ def create_app(
                 )
         return JSONResponse({"object": "list", "data": data})
 
-    # The unversioned aliases are what TEI/infinity clients call; documented once, under /v1.
+    # The unversioned aliases are what infinity clients call, /v2/rerank what Cohere's
+    # ClientV2 calls (a subset of this body); documented once, under /v1.
     app.add_api_route("/v1/rerank", rerank, methods=["POST"])
     app.add_api_route("/rerank", rerank, methods=["POST"], include_in_schema=False)
+    app.add_api_route("/v2/rerank", rerank, methods=["POST"], include_in_schema=False)
     app.add_api_route("/v1/embeddings", embeddings, methods=["POST"])
     app.add_api_route("/embeddings", embeddings, methods=["POST"], include_in_schema=False)
     app.add_api_route("/v1/models", models, methods=["GET"])
