@@ -22,6 +22,8 @@ import grpc
 import numpy as np
 
 from rerankd.errors import (
+    ERROR_TYPE_KEY,
+    MODEL_NOT_FOUND,
     AuthenticationError,
     DeadlineExceededError,
     InvalidInputError,
@@ -83,16 +85,39 @@ class ModelInfo:
     supports_fusion: bool = False
 
 
+def _text(value: Any, what: str) -> str:
+    """`value` if it can go on the wire as a proto string, else InvalidInputError.
+
+    Checked here because protobuf would raise a bare TypeError or UnicodeEncodeError while
+    building the request, before the server's own check could say what to fix."""
+    if not isinstance(value, str):
+        raise InvalidInputError(f"{what} must be a string, got {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidInputError(
+            f"{what} is not valid Unicode: a lone surrogate (U+{ord(value[exc.start]):04X}) "
+            f"at character {exc.start}; send well-formed UTF-8 text"
+        ) from None
+    return value
+
+
 def _doc(i: int, d: DocumentLike) -> pb.Document:
+    what = f"documents[{i}]"
     if isinstance(d, str):
-        return pb.Document(id=str(i), text=d)
-    if isinstance(d, Document):
-        return pb.Document(id=d.id, text=d.text)
-    if isinstance(d, tuple):
-        return pb.Document(id=str(d[0]), text=d[1])
-    if isinstance(d, dict):
-        return pb.Document(id=str(d.get("id", i)), text=d["text"])
-    raise InvalidInputError(f"documents[{i}] must be str, Document, (id, text) or dict")
+        doc_id, text = str(i), d
+    elif isinstance(d, Document):
+        doc_id, text = d.id, d.text
+    elif isinstance(d, tuple) and len(d) == 2:
+        doc_id, text = str(d[0]), d[1]
+    elif isinstance(d, dict) and "text" in d:
+        doc_id, text = str(d.get("id", i)), d["text"]
+    else:
+        raise InvalidInputError(
+            f"{what} must be a str, a Document, an (id, text) pair or a dict with a "
+            f"'text' key; got {type(d).__name__} {d!r:.60}"
+        )
+    return pb.Document(id=_text(doc_id, f"{what}.id"), text=_text(text, f"{what}.text"))
 
 
 _OPTION_FIELDS = {f.name for f in fields(RerankOptions)}
@@ -142,7 +167,7 @@ def build_rerank_request(
             "must be >= 0"
         )
     return pb.RerankRequest(
-        query=query,
+        query=_text(query, "query"),
         documents=[_doc(i, d) for i, d in enumerate(documents)],
         top_n=top_n,
         model=model,
@@ -191,8 +216,10 @@ def build_embed_request(
 ) -> pb.EmbedRequest:
     if input_type not in _INPUT:
         raise InvalidInputError(f"input_type must be 'query' or 'document', got {input_type!r}")
+    if isinstance(texts, str):
+        raise InvalidInputError("texts must be a list of strings, not one string: wrap it")
     return pb.EmbedRequest(
-        texts=list(texts),
+        texts=[_text(t, f"texts[{i}]") for i, t in enumerate(texts)],
         dense=dense,
         sparse=sparse,
         input_type=_INPUT[input_type],
@@ -246,12 +273,21 @@ def parse_models(resp: pb.ListModelsResponse) -> list[ModelInfo]:
     ]
 
 
+def _error_type(exc: grpc.RpcError) -> str:
+    """The error type the server put in the trailing metadata ("" if none)."""
+    trailing = getattr(exc, "trailing_metadata", None)
+    for key, value in (trailing() if trailing else None) or ():
+        if key == ERROR_TYPE_KEY:
+            return value
+    return ""
+
+
 def error_from(exc: grpc.RpcError) -> RerankdError:
     """A gRPC status as rerankd's own exception, keeping the server's message."""
     code, details = exc.code(), exc.details() or ""
     if code == grpc.StatusCode.INVALID_ARGUMENT:
-        cls = UnknownModelError if details.startswith("unknown") else InvalidInputError
-        return cls(details)
+        unknown_model = _error_type(exc) == MODEL_NOT_FOUND
+        return (UnknownModelError if unknown_model else InvalidInputError)(details)
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         return OverloadedError(details)
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
@@ -320,6 +356,19 @@ def _wait_until_ready(channel: grpc.Channel, wait: float) -> None:
             state = core.check_connectivity_state(True)
 
 
+def _out_of_time(
+    method: str, timeout: float, last: RerankdError | None, attempts: int
+) -> RerankdError:
+    """The error of a call whose deadline passed between attempts: still UNAVAILABLE if
+    that is why the attempts failed (a sidecar that is down is not a slow one)."""
+    if last is not None:
+        return UnavailableError(
+            f"{last} (still unavailable when the {timeout:.3f} s deadline passed, after "
+            f"{attempts} attempt{'s' * (attempts != 1)})"
+        )
+    return DeadlineExceededError(f"{method}: deadline of {timeout:.3f}s passed")
+
+
 class _Policy:
     """Round-robin over channels plus the retry schedule, shared by both clients."""
 
@@ -335,6 +384,17 @@ class _Policy:
         self._n = n
         self._i = -1
         self._lock = threading.Lock()
+
+    def budget(self, timeout: float | None) -> float:
+        """A call's timeout: the client's when None. 0 is refused, not taken as "default"."""
+        if timeout is None:
+            return self.timeout
+        if timeout <= 0:
+            raise InvalidInputError(
+                f"timeout must be > 0 seconds, got {timeout}; None means the client's "
+                f"{self.timeout:g} s"
+            )
+        return timeout
 
     def pick(self) -> int:
         with self._lock:
@@ -386,21 +446,22 @@ class RerankClient:
         self._policy = _Policy(len(self._stubs), timeout, retries, backoff, max_backoff)
 
     def _invoke(self, method: str, request: Any, timeout: float | None) -> Any:
-        timeout = timeout or self._policy.timeout
+        timeout = self._policy.budget(timeout)
         deadline = time.monotonic() + timeout
-        attempt = 0
+        attempt, last = 0, None
         k = self._policy.pick()
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise DeadlineExceededError(f"{method}: deadline of {timeout:.3f}s passed")
+                raise _out_of_time(method, timeout, last, attempt)
             try:
                 return getattr(self._stubs[k], method)(
                     request, timeout=remaining, metadata=self._metadata
                 )
             except grpc.RpcError as exc:
-                if exc.code() != grpc.StatusCode.UNAVAILABLE or attempt >= self._policy.retries:
-                    raise error_from(exc) from None
+                last = error_from(exc)
+                if not isinstance(last, UnavailableError) or attempt >= self._policy.retries:
+                    raise last from None
             # Retry on the next address (this call's own rotation, so concurrent callers
             # cannot steer it back to the failed one). At once if it is untried in this
             # round, else after a backoff that ends early once that channel is connected.
@@ -488,21 +549,22 @@ class AsyncRerankClient:
         self._policy = _Policy(len(self._stubs), timeout, retries, backoff, max_backoff)
 
     async def _invoke(self, method: str, request: Any, timeout: float | None) -> Any:
-        timeout = timeout or self._policy.timeout
+        timeout = self._policy.budget(timeout)
         deadline = time.monotonic() + timeout
-        attempt = 0
+        attempt, last = 0, None
         k = self._policy.pick()
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise DeadlineExceededError(f"{method}: deadline of {timeout:.3f}s passed")
+                raise _out_of_time(method, timeout, last, attempt)
             try:
                 return await getattr(self._stubs[k], method)(
                     request, timeout=remaining, metadata=self._metadata
                 )
             except grpc.RpcError as exc:
-                if exc.code() != grpc.StatusCode.UNAVAILABLE or attempt >= self._policy.retries:
-                    raise error_from(exc) from None
+                last = error_from(exc)
+                if not isinstance(last, UnavailableError) or attempt >= self._policy.retries:
+                    raise last from None
             k = self._policy.after(k)
             wait = min(self._policy.pause(attempt), max(0.0, deadline - time.monotonic()))
             if wait > 0:  # asyncio's channel_ready() needs no thread: wake once connected

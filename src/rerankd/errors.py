@@ -6,6 +6,12 @@ status codes back onto them, so Python callers see the same exception either sid
 
 from __future__ import annotations
 
+#: Trailing-metadata key of a failed gRPC call: the error's type, the same string the HTTP
+#: API puts in `error.type`. It tells apart what one status code covers (an unknown model
+#: and other bad input are both INVALID_ARGUMENT).
+ERROR_TYPE_KEY = "rerankd-error-type"
+MODEL_NOT_FOUND = "model_not_found"
+
 
 class RerankdError(Exception):
     """Base of rerankd's own errors."""

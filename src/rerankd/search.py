@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import threading
 import time
 from collections.abc import Sequence
@@ -22,10 +23,15 @@ from typing import Any
 
 from rerankd.client import AsyncRerankClient, Embeddings, RerankClient
 from rerankd.connectors.base import MODES, Connector, FirstStageQuery
-from rerankd.errors import InvalidInputError, RerankdError
+from rerankd.engine.limits import Limits
+from rerankd.errors import AuthenticationError, InvalidInputError, RerankdError
 from rerankd.types import Candidate, Hit, RerankResponse, SearchResult, SearchTimings, SparseVector
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
+_SURROGATE = re.compile("[\ud800-\udfff]")
+#: Characters of each stored document sent to be reranked: the sidecar's default
+#: --max-document-chars, far more than the model reads (at most max_doc_tokens tokens).
+MAX_DOCUMENT_CHARS = Limits().max_document_chars
 _default_client: RerankClient | None = None
 _default_lock = threading.Lock()
 
@@ -47,12 +53,15 @@ def _plan(
     mode: str,
     top_k: int,
     candidates: int,
+    timeout: float | None,
 ) -> tuple[str | None, Sequence[float] | None, bool, bool]:
     """Validate arguments; return (text, ready vector, need dense embed, need sparse embed)."""
     if mode not in MODES:
         raise InvalidInputError(f"mode must be one of {MODES}, got {mode!r}")
     if top_k < 1 or candidates < 1:
         raise InvalidInputError(f"top_k and candidates must be >= 1, got {top_k}, {candidates}")
+    if timeout is not None and timeout <= 0:
+        raise InvalidInputError(f"timeout must be > 0 seconds or None, got {timeout}")
     if isinstance(query, str):
         text, vector = query, None
         if not text.strip():
@@ -61,6 +70,8 @@ def _plan(
         text, vector = query_text, list(query)
         if not vector:
             raise InvalidInputError("query vector is empty")
+        if text is not None and not text.strip():
+            raise InvalidInputError("query_text is empty; pass the query's text, or None")
     uses_dense = mode in ("dense", "hybrid") and connector.needs_dense
     uses_sparse = mode in ("sparse", "hybrid")
     if uses_sparse and text is None:
@@ -96,10 +107,41 @@ def _merge(cands: list[Candidate], resp: RerankResponse | None, top_k: int) -> l
     return [hit(cands[r.index], r.score) for r in resp.results[:top_k]]
 
 
+def _rides_out(exc: RerankdError, fail_open: bool) -> bool:
+    """Whether a failed sidecar call may degrade the search instead of raising: an outage,
+    overload or server fault may; bad input, an unknown model or a refused token are
+    mistakes in the caller's code or setup, which no retry or fallback would mend."""
+    return fail_open and not isinstance(exc, (InvalidInputError, AuthenticationError))
+
+
 def _fail_open_reason(exc: RerankdError, fail_open: bool) -> str:
-    if isinstance(exc, InvalidInputError) or not fail_open:
+    if not _rides_out(exc, fail_open):
         raise exc
     return f"rerank failed open: {type(exc).__name__}: {exc}"
+
+
+def _wire_documents(cands: list[Candidate]) -> list[tuple[str, str]]:
+    """What is sent to be reranked: a stored document, whatever it holds, must not make
+    every search that retrieves it fail. Text past MAX_DOCUMENT_CHARS (which the model
+    would not read) is cut, and lone surrogates (which UTF-8 cannot carry) become U+FFFD."""
+    out = []
+    for c in cands:
+        text = c.text[:MAX_DOCUMENT_CHARS]
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            text = _SURROGATE.sub("\ufffd", text)
+        out.append((c.id, text))
+    return out
+
+
+def _start(timeout: float | None) -> float | None:
+    return time.monotonic() + timeout if timeout is not None else None
+
+
+def _excluding(deadline: float | None, seconds: float) -> float | None:
+    """The sidecar's deadline moved past a DB call: `timeout` bounds the sidecar alone."""
+    return deadline + seconds if deadline is not None else None
 
 
 def _remaining(deadline: float | None) -> float | None:
@@ -125,12 +167,7 @@ def _embed_fallback(
     exc: RerankdError, connector: Connector, mode: str, text: str | None, fail_open: bool
 ) -> tuple[str, str]:
     """The sidecar could not embed the query: use the DB's own text search where it has one."""
-    if (
-        not fail_open
-        or isinstance(exc, InvalidInputError)
-        or connector.needs_sparse
-        or text is None
-    ):
+    if not _rides_out(exc, fail_open) or connector.needs_sparse or text is None:
         raise exc
     return "sparse", f"embed failed ({type(exc).__name__}: {exc}); first stage fell back to BM25"
 
@@ -156,17 +193,20 @@ def hybrid_search(
     """First stage in the DB (`candidates` hits), rerank them, return the best `top_k`.
 
     `filter` is in the DB's own form (see each connector). `timeout` bounds the sidecar
-    calls (embed + rerank) together; the DB call is bounded by the DB client's own timeout.
+    calls (embed + rerank) together, None leaving each call to the client's own timeout;
+    the DB call is bounded by the DB client's timeout, and its time is not charged to
+    `timeout`. Fail-open covers outages, overload and server faults; bad input, an unknown
+    model and a refused token raise whatever `fail_open` says.
     If embedding the query fails and the DB has native BM25 (Milvus, Weaviate), the first
     stage falls back to it (fail-open); with learned sparse vectors (Qdrant) it raises.
     `fusion="auto"` (default) fuses the model's scores with the first-stage order where the
     model ships fitted fusion weights (`rerankd.engine.fusion`); "off" ranks by the model alone.
     """
     text, vector, need_dense, need_sparse = _plan(
-        connector, query, query_text, mode, top_k, candidates
+        connector, query, query_text, mode, top_k, candidates, timeout
     )
     client = client or default_client()
-    deadline = time.monotonic() + timeout if timeout else None
+    deadline = _start(timeout)
     timings, emb, notes = SearchTimings(), None, []
     if need_dense or need_sparse:
         t0 = time.perf_counter()
@@ -186,6 +226,7 @@ def hybrid_search(
     t0 = time.perf_counter()
     cands = connector.first_stage(collection, fsq, limit=candidates, filter=filter)
     timings.first_stage_ms = (time.perf_counter() - t0) * 1e3
+    deadline = _excluding(deadline, timings.first_stage_ms / 1e3)
     resp = None
     skip = _skip_reason(rerank, cands, text)
     if skip:
@@ -195,7 +236,7 @@ def hybrid_search(
         try:
             resp = client.rerank(
                 text or "",
-                [(c.id, c.text) for c in cands],
+                _wire_documents(cands),
                 model=model or "",
                 max_length=max_length,
                 fusion=fusion,
@@ -229,9 +270,9 @@ async def ahybrid_search(
 ) -> SearchResult:
     """The asyncio twin of `hybrid_search`; the DB call runs in a worker thread."""
     text, vector, need_dense, need_sparse = _plan(
-        connector, query, query_text, mode, top_k, candidates
+        connector, query, query_text, mode, top_k, candidates, timeout
     )
-    deadline = time.monotonic() + timeout if timeout else None
+    deadline = _start(timeout)
     timings, emb, notes = SearchTimings(), None, []
     if need_dense or need_sparse:
         t0 = time.perf_counter()
@@ -253,6 +294,7 @@ async def ahybrid_search(
         connector.first_stage, collection, fsq, limit=candidates, filter=filter
     )
     timings.first_stage_ms = (time.perf_counter() - t0) * 1e3
+    deadline = _excluding(deadline, timings.first_stage_ms / 1e3)
     resp = None
     skip = _skip_reason(rerank, cands, text)
     if skip:
@@ -262,7 +304,7 @@ async def ahybrid_search(
         try:
             resp = await client.rerank(
                 text or "",
-                [(c.id, c.text) for c in cands],
+                _wire_documents(cands),
                 model=model or "",
                 max_length=max_length,
                 fusion=fusion,

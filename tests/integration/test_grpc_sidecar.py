@@ -19,8 +19,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from rerankd import AsyncRerankClient, RerankClient
+from rerankd.client import error_from
 from rerankd.engine.factory import load_reranker
-from rerankd.errors import InvalidInputError, UnknownModelError
+from rerankd.errors import ERROR_TYPE_KEY, InvalidInputError, UnknownModelError
 from rerankd.server.process import spawn_sidecar
 from rerankd.types import Document
 from rerankd.v1 import reranker_pb2 as pb
@@ -197,6 +198,13 @@ def test_bad_input_is_invalid_argument_and_server_keeps_serving(sidecar, stub, c
     err = _raw_call(sidecar.address, req.SerializeToString())
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert message in err.details()
+    # one status code, two kinds: the trailing metadata says which, as HTTP's error.type
+    unknown_model = case == "unknown model"
+    kind = "model_not_found" if unknown_model else "invalid_request"
+    assert (ERROR_TYPE_KEY, kind) in tuple(err.trailing_metadata())
+    mapped = error_from(err)
+    assert isinstance(mapped, InvalidInputError)
+    assert isinstance(mapped, UnknownModelError) == unknown_model
     ok = stub.Rerank(pb.RerankRequest(query="q", documents=[pb.Document(text="a")]), timeout=10)
     assert len(ok.results) == 1
 
@@ -274,6 +282,17 @@ def test_async_client(sidecar) -> None:
             return [len(r.results) for r in resps]
 
     assert asyncio.run(run()) == list(range(1, 9))
+
+
+def test_async_round_robin_survives_a_dead_address(sidecar) -> None:
+    dead = f"127.0.0.1:{free_port()}"
+
+    async def run() -> list[int]:
+        async with AsyncRerankClient([dead, sidecar.address], retries=3, timeout=10) as client:
+            # sequential, so every other call picks the dead address first and fails over
+            return [len((await client.rerank("q", ["a", "b"])).results) for _ in range(6)]
+
+    assert asyncio.run(run()) == [2] * 6
 
 
 def test_concurrent_callers_get_their_own_results(dl19) -> None:

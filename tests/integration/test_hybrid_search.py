@@ -145,6 +145,32 @@ def test_bad_arguments_and_db_errors(qdrant, client) -> None:
         hybrid_search("missing", QUERY, connector=qdrant, client=client)
 
 
+def test_a_huge_or_malformed_stored_document_still_reranks(client) -> None:
+    """Real Qdrant and sidecar: a stored text over the sidecar's --max-document-chars, and
+    one with a lone surrogate, are sent cut and mended, and come back as stored."""
+    from qdrant_client import QdrantClient
+
+    from rerankd.connectors.base import IndexRecord
+    from rerankd.connectors.qdrant import QdrantConnector
+
+    conn = QdrantConnector(QdrantClient(":memory:"))
+    conn.create_collection("odd", dense_dim=384)
+    texts = {
+        "huge": "Vaccines train the immune system. " * 4000,  # 136k characters
+        "broken": "Vaccines protect \ud800 against disease.",
+        "plain": "Bread rises because yeast makes gas.",
+    }
+    emb = client.embed(["Vaccines protect against disease."], sparse=True, input_type="document")
+    conn.upsert(
+        "odd",
+        [IndexRecord(k, t, emb.dense[0].tolist(), emb.sparse[0]) for k, t in texts.items()],
+    )
+    res = hybrid_search("odd", QUERY, connector=conn, client=client, fail_open=False)
+    assert res.reranked and {h.id for h in res.hits} == set(texts)
+    assert {h.id: h.text for h in res.hits} == texts
+    assert res.hits[-1].id == "plain"
+
+
 def test_milvus_hybrid_with_native_bm25(milvus, client) -> None:
     res = hybrid_search("sample", QUERY, connector=milvus, client=client, top_k=5, candidates=20)
     assert res.reranked and len(res.hits) == 5

@@ -20,10 +20,10 @@ import numpy as np
 
 from rerankd.engine.limits import check_unicode
 from rerankd.engine.reranker import Reranker
-from rerankd.errors import InvalidInputError, UnavailableError
+from rerankd.errors import ERROR_TYPE_KEY, InvalidInputError, UnavailableError
 from rerankd.server.metrics import Metrics
 from rerankd.server.registry import Registry
-from rerankd.server.status import code_for
+from rerankd.server.status import status_for
 from rerankd.types import (
     Document,
     Fusion,
@@ -214,10 +214,13 @@ class RerankerService:
                 code = grpc.StatusCode.CANCELLED
                 raise
             except Exception as exc:
-                code = code_for(exc)
+                status = status_for(exc)
+                code = status.grpc
                 if code == grpc.StatusCode.INTERNAL:
                     log.exception("internal error")
-                await context.abort(code, str(exc))
+                await context.abort(
+                    code, str(exc), trailing_metadata=((ERROR_TYPE_KEY, status.type),)
+                )
         finally:
             self.metrics.inflight.labels("grpc").dec()
             self.metrics.observe_request("grpc", method, code.name, time.perf_counter() - start)

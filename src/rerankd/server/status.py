@@ -5,7 +5,8 @@ caller came in. Rows are checked in order, so subclasses come before their bases
 
 HTTP choices, and why:
 - An unknown model is 404 `model_not_found` (what OpenAI-style clients expect), while on
-  gRPC it stays INVALID_ARGUMENT, which the Python client maps back to UnknownModelError.
+  gRPC it stays INVALID_ARGUMENT. gRPC errors carry the type in trailing metadata
+  (`ERROR_TYPE_KEY`), from which the Python client maps it back to UnknownModelError.
 - Any other bad input is 400 `invalid_request`; a request body that does not match the
   schema at all (wrong JSON types, missing fields) is 422, decided in `http_app.py`.
 - A full queue is 429 so HTTP clients and proxies apply their usual retry-with-backoff.
@@ -19,6 +20,7 @@ from typing import NamedTuple
 import grpc
 
 from rerankd.errors import (
+    MODEL_NOT_FOUND,
     DeadlineExceededError,
     InvalidInputError,
     OverloadedError,
@@ -39,7 +41,7 @@ class Status(NamedTuple):
 INTERNAL = Status(grpc.StatusCode.INTERNAL, 500, "internal_error")
 
 _TABLE: tuple[tuple[type[BaseException], Status], ...] = (
-    (UnknownModelError, Status(grpc.StatusCode.INVALID_ARGUMENT, 404, "model_not_found")),
+    (UnknownModelError, Status(grpc.StatusCode.INVALID_ARGUMENT, 404, MODEL_NOT_FOUND)),
     (InvalidInputError, Status(grpc.StatusCode.INVALID_ARGUMENT, 400, "invalid_request")),
     (OverloadedError, Status(grpc.StatusCode.RESOURCE_EXHAUSTED, 429, "overloaded")),
     (DeadlineExceededError, Status(grpc.StatusCode.DEADLINE_EXCEEDED, 504, "timeout")),
