@@ -996,6 +996,7 @@ class HttpCase:
 ROUTES = {
     "/v1/rerank": "rerank",
     "/rerank": "rerank",
+    "/v2/rerank": "rerank",
     "/v1/embeddings": "embed",
     "/embeddings": "embed",
 }
@@ -1122,12 +1123,12 @@ HTTP_KINDS = st.sampled_from(
     + ["unknown-path"] * 9
     + ["oversized"]
 )
-RERANK_PATHS = st.sampled_from(["/v1/rerank"] * 3 + ["/rerank"])
+RERANK_PATHS = st.sampled_from(["/v1/rerank"] * 3 + ["/rerank", "/v2/rerank"])
 EMBED_PATHS = st.sampled_from(["/v1/embeddings"] * 3 + ["/embeddings"])
 RAW_PATHS = st.sampled_from(["/v1/rerank"] * 3 + ["/v1/embeddings"])
 CONTENT_TYPE = st.sampled_from(CONTENT_TYPES)
 METHODS = st.sampled_from(["GET", "POST"])
-UNKNOWN_PATHS = st.sampled_from(["/v2/rerank", "/v1/rerank/x", "/", "/v1/Rerank", "/models"])
+UNKNOWN_PATHS = st.sampled_from(["/v3/rerank", "/v1/rerank/x", "/", "/v1/Rerank", "/models"])
 bad_json = bad_json_bytes()
 
 
