@@ -2,8 +2,9 @@
 
 It knows only the proto. Every call has a deadline; `UNAVAILABLE` (and only that: the
 call never reached a model, so it is safe to repeat) is retried on the next address: at
-once while the call has an address it has not tried, then with exponential backoff. Several addresses are spread round-robin, one
-channel each; a `dns:///` target with grpc's own `round_robin` policy also works.
+once while the call has an address it has not tried, then with exponential backoff.
+Several addresses are spread round-robin, one channel each; a `dns:///` target with
+grpc's own `round_robin` policy also works.
 """
 
 from __future__ import annotations
