@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 
+from rerankd.engine.limits import check_unicode
 from rerankd.errors import (
     ERROR_TYPE_KEY,
     MODEL_NOT_FOUND,
@@ -93,13 +94,7 @@ def _text(value: Any, what: str) -> str:
     building the request, before the server's own check could say what to fix."""
     if not isinstance(value, str):
         raise InvalidInputError(f"{what} must be a string, got {type(value).__name__}")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise InvalidInputError(
-            f"{what} is not valid Unicode: a lone surrogate (U+{ord(value[exc.start]):04X}) "
-            f"at character {exc.start}; send well-formed UTF-8 text"
-        ) from None
+    check_unicode(value, what)  # the server's own check, so the message is the same
     return value
 
 
