@@ -396,3 +396,38 @@ def test_depths_and_keep_ratio_on_qdrant(sidecar, scifact: Path, tmp_path: Path)
     _check_run_files(tmp_path / "runs", row, names)
     first = (tmp_path / "runs" / "dense.first_stage.trec").read_text().splitlines()
     assert len(first) == 5 * 10
+
+
+def test_long_docs_truncate_scores_the_first_window_only(
+    sidecar, scifact: Path, tmp_path: Path
+) -> None:
+    """--long-docs truncate reaches the sidecar: with 64-token windows (SciFact abstracts
+    span several), every score equals a direct truncate call's, and some differ from the
+    default (max over windows) on the same candidates."""
+    from rerankd.client import RerankClient
+
+    base = ["--dataset", str(scifact), "--db", "qdrant", "--modes", "dense", "--no-progress"]
+    base += ["--address", sidecar.address, "--max-queries", "3", "--max-docs", "30"]
+    base += ["--candidates", "8", "--max-length", "64", "--index-dir", str(tmp_path / "index")]
+    scores: dict[str, list[dict[str, Any]]] = {}
+    for how in ("max", "truncate"):
+        runs = tmp_path / how
+        table, rep = _run_main(
+            [*base, "--long-docs", how, "--runs-dir", str(runs), "--json", str(runs / "r.json")]
+        )
+        assert rep["long_docs"] == how and f"long_docs {how}" in table
+        lines = (runs / "dense.scores.jsonl").read_text().splitlines()
+        scores[how] = [json.loads(x) for x in lines]
+    data = subset(load_dataset(scifact), max_queries=3, max_docs=30)
+    with RerankClient(sidecar.address) as client:
+        for record in scores["truncate"]:
+            docs = [data.corpus[d] for d in record["ids"]]
+            direct = client.rerank(
+                data.queries[record["qid"]], docs, max_length=64, long_docs="truncate"
+            )
+            by_index = {r.index: r.score for r in direct.results}
+            want = [by_index[i] for i in range(len(docs))]
+            assert record["scores"]["full"] == pytest.approx(want)
+    assert [r["ids"] for r in scores["max"]] == [r["ids"] for r in scores["truncate"]]
+    pairs = zip(scores["max"], scores["truncate"], strict=True)
+    assert any(a["scores"]["full"] != b["scores"]["full"] for a, b in pairs)

@@ -172,7 +172,8 @@ def format_table(report: Mapping[str, Any]) -> str:
         f"binary relevance at grade >= {ds['relevance_threshold']}",
         f"first stage: {where}; reranker {rr['name']} ({rr['source']}, {rr['architecture']}, "
         f"{rr['backend']}), {report['candidates']} candidates"
-        + (f", max_length {report['max_length']}" if report["max_length"] else ""),
+        + (f", max_length {report['max_length']}" if report["max_length"] else "")
+        + (f", long_docs {report['long_docs']}" if report.get("long_docs") else ""),
         "",
     ]
     metrics = report["metrics"]

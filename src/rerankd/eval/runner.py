@@ -86,6 +86,7 @@ from rerankd.eval.report import (
     scores_file,
     write_run_files,
 )
+from rerankd.types import LongDocs
 
 COLLECTION = "rerankd_eval"
 DEFAULT_MODEL = DEFAULT_RERANKER
@@ -114,6 +115,10 @@ class EvalOptions:
     split: str = "test"
     relevance_threshold: int | None = None
     max_length: int = 0
+    #: how the sidecar scores a document longer than one window: "max" (every window, the
+    #: best counts: the serving default) or "truncate" (the first window only, as training
+    #: reads documents); None = the sidecar's default
+    long_docs: str | None = None
     backend: str | None = None
     threads: int = 0
     timeout: float = 120.0
@@ -308,6 +313,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-length", type=int, default=0, help="tokens per (query, document) pair (0 = model's)"
     )
+    p.add_argument(
+        "--long-docs",
+        choices=[v.value for v in LongDocs],
+        help="score a document longer than one window by its best window (max, the "
+        "sidecar's default) or by its first (truncate, as training reads it)",
+    )
     p.add_argument("--backend", help="backend for a spawned sidecar (its --backend)")
     p.add_argument(
         "--threads", type=int, default=0, help="intra-op threads of a spawned sidecar (0 = its own)"
@@ -412,6 +423,7 @@ def parse_args(argv: Sequence[str] | None = None) -> EvalOptions:
         split=ns.split,
         relevance_threshold=ns.relevance_threshold,
         max_length=ns.max_length,
+        long_docs=ns.long_docs,
         backend=ns.backend,
         threads=ns.threads,
         timeout=ns.timeout,
@@ -547,6 +559,7 @@ def _rerank_query(
             model=reranker,
             max_length=opts.max_length,
             timeout=opts.timeout,
+            **({"long_docs": opts.long_docs} if opts.long_docs else {}),
             **cfg.options(),
             **({"fusion": "auto"} if fused else {}),
         )
@@ -810,6 +823,7 @@ def run_eval(opts: EvalOptions) -> dict[str, Any]:
         "run": opts.run,
         "candidates": opts.candidates,
         "max_length": opts.max_length,
+        "long_docs": opts.long_docs,
         "metrics": list(opts.metrics),
     }
     rows: dict[str, dict[str, Any]] = {}
