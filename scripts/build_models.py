@@ -299,6 +299,7 @@ def ablation(build: Path, data: Path) -> None:
     save_file(kept, dst / "model.safetensors", metadata={"format": "pt"})
     meta = {
         "max_length": read_meta(src).get("max_length"),
+        "long_docs": read_meta(src).get("long_docs", "max"),
         "note": "phase-2 weights without per-depth heads: depth k runs the full head on layer k",
     }
     (dst / "rerankd.json").write_text(json.dumps(meta) + "\n")
@@ -627,7 +628,8 @@ def card(build: Path, name: str, models: Path) -> str:
             + ", ".join(f"{k} {v:.0f}" for k, v in p50.items())
             + " |"
         )
-    max_length = json.loads((models / name / "rerankd.json").read_text()).get("max_length")
+    served = json.loads((models / name / "rerankd.json").read_text())
+    max_length, long_docs = served.get("max_length"), served.get("long_docs", "max")
     ablation_note = (
         '; "without self-distillation" is the stage `ablation` model (the phase-2 weights, '
         "per-depth heads dropped, no phase 3) cut at the same depth, its rho against its own "
@@ -637,7 +639,15 @@ def card(build: Path, name: str, models: Path) -> str:
         "",
         f"Serving length: {max_length or 512} tokens per pair by default "
         f"({'its training length, `max_length` in rerankd.json' if max_length else 'none recorded'}"
-        "); the evals above ran at it.",
+        "); the evals above ran at it. Long documents: "
+        + (
+            "the first window only by default (`long_docs: truncate` in rerankd.json: training "
+            "reads each document's first window; a request may ask for `max`, every window, "
+            "the best counting)"
+            if long_docs == "truncate"
+            else "every window, the best counting (`long_docs: max`)"
+        )
+        + "; the evals above ran with it.",
         "",
         "Read this table as it is. The model alone is below the first stage on: "
         f"{', '.join(below_first) or 'no set'}; a reranker trained for an hour on 749 SciFact "

@@ -52,7 +52,12 @@ T = TypeVar("T")
 DocumentLike = str | Document | tuple[str, str] | dict
 _NORM = {Normalization.RAW: pb.NORMALIZATION_RAW, Normalization.SIGMOID: pb.NORMALIZATION_SIGMOID}
 _FUSION = {Fusion.OFF: pb.FUSION_OFF, Fusion.AUTO: pb.FUSION_AUTO}
-_LONG = {LongDocs.MAX: pb.LONG_DOCS_MAX, LongDocs.TRUNCATE: pb.LONG_DOCS_TRUNCATE}
+_LONG = {
+    None: pb.LONG_DOCS_UNSPECIFIED,  # the model's default
+    LongDocs.MAX: pb.LONG_DOCS_MAX,
+    LongDocs.TRUNCATE: pb.LONG_DOCS_TRUNCATE,
+}
+_LONG_NAME = {pb.LONG_DOCS_MAX: "max", pb.LONG_DOCS_TRUNCATE: "truncate"}
 _INPUT = {"query": pb.INPUT_TYPE_QUERY, "document": pb.INPUT_TYPE_DOCUMENT}
 
 
@@ -85,6 +90,9 @@ class ModelInfo:
     supports_depth: bool = False
     supports_token_pruning: bool = False
     supports_fusion: bool = False
+    #: a reranker's `long_docs` when a request does not set it ("max" or "truncate";
+    #: "" for encoders and servers that do not say)
+    default_long_docs: str = ""
 
 
 def _text(value: Any, what: str) -> str:
@@ -129,7 +137,7 @@ def make_options(**options: Any) -> RerankOptions:
     try:
         if "normalization" in options:
             options["normalization"] = Normalization(options["normalization"])
-        if "long_docs" in options:
+        if options.get("long_docs") is not None:
             options["long_docs"] = LongDocs(options["long_docs"])
         if "fusion" in options:
             options["fusion"] = Fusion(options["fusion"])
@@ -264,6 +272,7 @@ def parse_models(resp: pb.ListModelsResponse) -> list[ModelInfo]:
             m.supports_depth,
             m.supports_token_pruning,
             m.supports_fusion,
+            _LONG_NAME.get(m.default_long_docs, ""),
         )
         for m in resp.models
     ]

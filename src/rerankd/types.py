@@ -46,14 +46,15 @@ class RerankOptions:
 
     `depth` runs only the first k encoder layers (Matryoshka-style cost control).
     `long_docs`, `window_overlap` (tokens shared by consecutive windows) and
-    `max_doc_tokens` (a per-document cap on the tokens scored) govern long documents.
+    `max_doc_tokens` (a per-document cap on the tokens scored) govern long documents;
+    `long_docs=None` is the model's default (`long_docs` in its `rerankd.json`, else MAX).
     """
 
     max_length: int = 0
     normalization: Normalization = Normalization.RAW
     return_documents: bool = False
     depth: int = 0
-    long_docs: LongDocs = LongDocs.MAX
+    long_docs: LongDocs | None = None
     window_overlap: int = 0
     max_doc_tokens: int = 0
     # Token pruning: the share of each pair's tokens entering each layer run (first 1.0,

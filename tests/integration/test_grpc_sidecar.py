@@ -120,6 +120,8 @@ def test_top_n_and_list_models(sidecar) -> None:
         assert info.is_default and info.default_max_length == 256 and info.max_length == 512
         assert (dense.kind, dense.dimension) == ("dense", 384)
         assert (sparse.kind, sparse.dimension) == ("sparse", 30522)
+        # a bundled model says nothing about long documents: every window is read
+        assert (info.default_long_docs, dense.default_long_docs) == ("max", "")
 
 
 def test_embed_dense_and_sparse_match_in_process_encoders(sidecar) -> None:

@@ -107,6 +107,38 @@ def test_default_max_length_is_the_models_training_length(
     flagged.close()
 
 
+def test_default_long_docs_is_the_models(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    """rerankd.json's `long_docs` (how the model was trained to read documents) is what a
+    request that does not say gets; a request's own value wins; a bad value fails the load."""
+    import json
+    import shutil
+
+    folder = tmp_path / "trained"
+    shutil.copytree(tiny_checkpoint, folder)
+    long_doc = [Document("0", "word " * 200)]
+    first, best = RerankOptions(long_docs=LongDocs.TRUNCATE), RerankOptions(long_docs=LongDocs.MAX)
+    plain = load_reranker(str(folder), backend="torch", default_max_length=24)
+    assert plain.info.default_long_docs == LongDocs.MAX
+    assert plain.rerank("q", long_doc).tokens == plain.rerank("q", long_doc, options=best).tokens
+    plain.close()
+    (folder / "rerankd.json").write_text(json.dumps({"long_docs": "truncate"}))
+    trained = load_reranker(str(folder), backend="torch", default_max_length=24)
+    try:
+        assert trained.info.default_long_docs == LongDocs.TRUNCATE
+        default = trained.rerank("q", long_doc)
+        assert default.tokens == 24  # one window
+        assert (
+            default.results[0].score
+            == trained.rerank("q", long_doc, options=first).results[0].score
+        )
+        assert trained.rerank("q", long_doc, options=best).tokens > 24  # every window
+    finally:
+        trained.close()
+    (folder / "rerankd.json").write_text(json.dumps({"long_docs": "middle"}))
+    with pytest.raises(ModelLoadError, match="long_docs must be one of"):
+        load_reranker(str(folder), backend="torch")
+
+
 def test_depth_truncation_runs_first_k_layers(tiny_checkpoint: Path) -> None:
     model = load_cross_encoder(tiny_checkpoint)
     ids = torch.tensor([[101, 2000, 102, 3000, 102]])

@@ -16,8 +16,10 @@ from tests.helpers import write_tiny_checkpoint
 
 def _matryoshka(folder: Path, pooling: str = "cls") -> Path:
     write_tiny_checkpoint(folder, layers=3, hidden=32, heads=2)
+    meta = {"max_length": 48, "long_docs": "truncate"}  # how it trained: the cut serves so
     if pooling != "cls":
-        (folder / "rerankd.json").write_text(json.dumps({"matryoshka": {"pooling": pooling}}))
+        meta["matryoshka"] = {"pooling": pooling}
+    (folder / "rerankd.json").write_text(json.dumps(meta))
     weights = load_file(str(folder / "model.safetensors"))
     gen = torch.Generator().manual_seed(1)
     for k in (1, 2):
@@ -47,6 +49,8 @@ def test_extracted_depth_scores_like_the_checkpoint_at_that_depth(
     assert torch.allclose(want, got, atol=1e-6)
     assert torch.allclose(want1, got1, atol=1e-6)  # the lower depth head is kept
     assert small.mean_pooled == (frozenset({1, 2}) if pooling == "mean" else frozenset())
+    meta = json.loads((dst / "rerankd.json").read_text())
+    assert (meta["max_length"], meta["long_docs"]) == (48, "truncate")
     if pooling == "mean":  # padding is not averaged in: a padded row scores as its unpadded self
         with torch.no_grad():
             alone = small(ids[1:2, :9], mask[1:2, :9], types[1:2, :9])

@@ -471,6 +471,7 @@ def test_matryoshka_trains_only_the_chosen_depths(tmp_path: Path, beir: Path, mo
     assert {k.split(".")[0] for k in weights if k.startswith("lora_")} == {"lora_depth2"}
     meta = json.loads((out / "rerankd.json").read_text())
     assert meta["matryoshka"]["depths"] == [2] and meta["max_length"] == 32
+    assert meta["long_docs"] == "truncate"  # it read first windows: so it is served
     with pytest.raises(TrainingError, match=r"depths must be in 1\.\.3"):
         train(_cfg(beir, model4, tmp_path / "bad", mode="matryoshka", matryoshka_depths=(4,)))
     with pytest.raises(TrainingError, match="for Matryoshka"):

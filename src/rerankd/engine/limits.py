@@ -84,7 +84,7 @@ def validate_rerank(
         )
     if not isinstance(options.normalization, Normalization):
         raise InvalidInputError(f"normalization must be one of {[n.value for n in Normalization]}")
-    if not isinstance(options.long_docs, LongDocs):
+    if options.long_docs is not None and not isinstance(options.long_docs, LongDocs):
         raise InvalidInputError(f"long_docs must be one of {[v.value for v in LongDocs]}")
     if options.depth < 0 or options.depth > num_layers:
         raise InvalidInputError(

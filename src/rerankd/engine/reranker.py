@@ -23,7 +23,7 @@ from rerankd.engine.model_meta import read_meta
 from rerankd.engine.models.config import ModelConfig
 from rerankd.engine.scheduler import JobResult, Scheduler, SchedulerConfig
 from rerankd.engine.tokenize import EncodedRequest, PairEncoder
-from rerankd.errors import InvalidInputError
+from rerankd.errors import InvalidInputError, ModelLoadError
 from rerankd.types import (
     Document,
     Fusion,
@@ -56,6 +56,26 @@ def model_max_length(folder: Path, config: ModelConfig) -> int:
     return min(trained or DEFAULT_MAX_LENGTH, config.max_length)
 
 
+def model_long_docs(folder: Path) -> LongDocs:
+    """The model's own default for documents longer than one window: how it was trained.
+
+    rerankd's trainer reads each training document's first window only, so the models it
+    writes say `"long_docs": "truncate"` in `rerankd.json`: scored by their best window
+    instead, they meet text they never trained on (a window starting mid-abstract, without
+    the title), and a shallow depth cut ranks such windows worst (on SciFact the shipped
+    model's depth 2 loses a quarter of its NDCG@10 to it). Any other model reads the whole
+    document (MAX). A request's own `long_docs` always wins.
+    """
+    value = read_meta(folder).get("long_docs", LongDocs.MAX.value)
+    try:
+        return LongDocs(value)
+    except ValueError:
+        raise ModelLoadError(
+            f"{folder / 'rerankd.json'}: long_docs must be one of "
+            f"{[v.value for v in LongDocs]}, got {value!r}"
+        ) from None
+
+
 @dataclass
 class PreparedRequest:
     """A request ready to score: the pairs to compute and the scores already known.
@@ -83,6 +103,7 @@ class RerankerInfo:
     precision: str
     device: str
     default_max_length: int
+    default_long_docs: LongDocs
 
 
 class Reranker:
@@ -114,6 +135,8 @@ class Reranker:
         self.default_max_length = min(
             default_max_length or model_max_length(folder, config), config.max_length
         )
+        #: how a request that does not say scores a long document (`model_long_docs`)
+        self.default_long_docs = model_long_docs(folder)
         self.cache = ScoreCache(cache or CacheConfig())
         self.fingerprint = fingerprint or str(folder)
         #: fitted fusion with the first-stage order (`fusion.json`), if the model ships one
@@ -133,6 +156,7 @@ class Reranker:
             b.precision,
             b.device,
             self.default_max_length,
+            self.default_long_docs,
         )
 
     def validate(
@@ -182,7 +206,7 @@ class Reranker:
             query,
             [documents[i].text for i in todo],
             options.max_length or self.default_max_length,
-            windows=options.long_docs == LongDocs.MAX,
+            windows=self.long_docs(options) == LongDocs.MAX,
             overlap=options.window_overlap or DEFAULT_WINDOW_OVERLAP,
             max_doc_tokens=options.max_doc_tokens or self.limits.max_doc_tokens,
         )
@@ -196,6 +220,10 @@ class Reranker:
             self.keep_schedule(options) or None,
         )
 
+    def long_docs(self, options: RerankOptions) -> LongDocs:
+        """The request's `long_docs`, else the model's."""
+        return options.long_docs or self.default_long_docs
+
     def _cache_scope(self, options: RerankOptions) -> str:
         """Everything a raw score depends on besides the query and document text."""
         return "|".join(
@@ -205,7 +233,7 @@ class Reranker:
                 self.fingerprint,
                 options.max_length or self.default_max_length,
                 options.depth or self.config.num_layers,
-                options.long_docs.value,
+                self.long_docs(options).value,
                 options.window_overlap or DEFAULT_WINDOW_OVERLAP,
                 options.max_doc_tokens or self.limits.max_doc_tokens,
                 self.keep_schedule(options),

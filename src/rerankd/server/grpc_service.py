@@ -44,10 +44,11 @@ _NORMALIZATION = {
     pb.NORMALIZATION_SIGMOID: Normalization.SIGMOID,
 }
 _LONG_DOCS = {
-    pb.LONG_DOCS_UNSPECIFIED: LongDocs.MAX,
+    pb.LONG_DOCS_UNSPECIFIED: None,  # the model's default
     pb.LONG_DOCS_MAX: LongDocs.MAX,
     pb.LONG_DOCS_TRUNCATE: LongDocs.TRUNCATE,
 }
+_LONG_DOCS_PB = {LongDocs.MAX: pb.LONG_DOCS_MAX, LongDocs.TRUNCATE: pb.LONG_DOCS_TRUNCATE}
 _FUSION = {
     pb.FUSION_UNSPECIFIED: Fusion.OFF,
     pb.FUSION_OFF: Fusion.OFF,
@@ -143,6 +144,7 @@ def reranker_info(model: Reranker, is_default: bool) -> pb.ModelInfo:
         supports_depth=True,
         supports_token_pruning=model.supports_pruning,
         supports_fusion=model.fusion is not None,
+        default_long_docs=_LONG_DOCS_PB[i.default_long_docs],
     )
 
 

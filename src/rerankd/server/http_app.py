@@ -113,8 +113,10 @@ class RerankBody(BaseModel):
         "raw", description="raw logits (as gRPC returns) or sigmoid scores in [0, 1]"
     )
     depth: int = Field(0, description="encoder layers to run (1..num_layers); 0 = all")
-    long_docs: Literal["max", "truncate"] = Field(
-        "max", description="windows scored by their best, or the first window only"
+    long_docs: Literal["max", "truncate"] | None = Field(
+        None,
+        description="windows scored by their best, or the first window only; "
+        "omitted = the model's default",
     )
     window_overlap: int = Field(0, description="tokens windows share; 0 = default")
     max_doc_tokens: int = Field(0, description="tokens read per document; 0 = default")
@@ -238,7 +240,7 @@ def rerank_inputs(body: RerankBody) -> tuple[list[Document], int, RerankOptions]
         normalization=Normalization(body.normalize),
         return_documents=body.return_documents,
         depth=body.depth,
-        long_docs=LongDocs(body.long_docs),
+        long_docs=LongDocs(body.long_docs) if body.long_docs else None,
         window_overlap=body.window_overlap,
         max_doc_tokens=max_doc_tokens,
         keep_schedule=tuple(body.keep_schedule),

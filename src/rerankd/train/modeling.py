@@ -560,7 +560,6 @@ def extract_depth(model: Path, depth: int, dst: Path) -> Path:
     extracted: dict[str, Any] = {"extracted_from": str(model), "depth": depth}
     if pooling == MEAN_POOLING:  # its own head and any kept lower heads read the token mean
         extracted |= {"head_pooling": MEAN_POOLING, "matryoshka": {"pooling": MEAN_POOLING}}
-    if "max_length" in meta:
-        extracted["max_length"] = meta["max_length"]
+    extracted |= {k: meta[k] for k in ("max_length", "long_docs") if k in meta}
     write_json(dst / "rerankd.json", extracted | {"source_meta": meta})
     return dst

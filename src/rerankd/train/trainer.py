@@ -82,7 +82,7 @@ from rerankd.train.modeling import (
     student_from_teacher,
     write_json,
 )
-from rerankd.types import RerankOptions
+from rerankd.types import LongDocs, RerankOptions
 
 MODES = ("train", "student", "matryoshka")
 STATE_JSON = "trainer_state.json"
@@ -749,6 +749,8 @@ class Trainer:
             "data": self.data.stats(),
             # tokens per pair it learned on: the serving default (`Reranker`, max_length 0)
             "max_length": self.cfg.max_length,
+            # it learned on each document's first window: the serving default too
+            "long_docs": LongDocs.TRUNCATE.value,
         }
         save_model_folder(self.out, self.module, self.template, info, {"rerankd_step": step})
         self.template = self.out

@@ -209,7 +209,7 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "kind", "source", "architecture", "num_layers", "hidden_size", "num_heads", "max_length", "default_max_length", "backend", "precision", "device", "is_default", "dimension", "supports_depth", "supports_token_pruning", "supports_fusion")
+    __slots__ = ("name", "kind", "source", "architecture", "num_layers", "hidden_size", "num_heads", "max_length", "default_max_length", "backend", "precision", "device", "is_default", "dimension", "supports_depth", "supports_token_pruning", "supports_fusion", "default_long_docs")
     NAME_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
@@ -227,6 +227,7 @@ class ModelInfo(_message.Message):
     SUPPORTS_DEPTH_FIELD_NUMBER: _ClassVar[int]
     SUPPORTS_TOKEN_PRUNING_FIELD_NUMBER: _ClassVar[int]
     SUPPORTS_FUSION_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_LONG_DOCS_FIELD_NUMBER: _ClassVar[int]
     name: str
     kind: ModelKind
     source: str
@@ -244,7 +245,8 @@ class ModelInfo(_message.Message):
     supports_depth: bool
     supports_token_pruning: bool
     supports_fusion: bool
-    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[ModelKind, str]] = ..., source: _Optional[str] = ..., architecture: _Optional[str] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., num_heads: _Optional[int] = ..., max_length: _Optional[int] = ..., default_max_length: _Optional[int] = ..., backend: _Optional[str] = ..., precision: _Optional[str] = ..., device: _Optional[str] = ..., is_default: bool = ..., dimension: _Optional[int] = ..., supports_depth: bool = ..., supports_token_pruning: bool = ..., supports_fusion: bool = ...) -> None: ...
+    default_long_docs: LongDocs
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[ModelKind, str]] = ..., source: _Optional[str] = ..., architecture: _Optional[str] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., num_heads: _Optional[int] = ..., max_length: _Optional[int] = ..., default_max_length: _Optional[int] = ..., backend: _Optional[str] = ..., precision: _Optional[str] = ..., device: _Optional[str] = ..., is_default: bool = ..., dimension: _Optional[int] = ..., supports_depth: bool = ..., supports_token_pruning: bool = ..., supports_fusion: bool = ..., default_long_docs: _Optional[_Union[LongDocs, str]] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)
