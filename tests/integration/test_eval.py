@@ -120,6 +120,7 @@ def test_report_has_every_mode_and_metric_in_range(report) -> None:
     assert rep["dataset"]["relevance_threshold"] == 1
     assert rep["reranker"]["source"] == "bundled:splade-tiny"
     assert rep["reranker"]["untrained_head"] is True
+    assert rep["long_docs"] == "max"  # no flag: the model's own default, as the sidecar said
     assert rep["sidecar"]["spawned"] is False  # --address: the module's own sidecar
     assert set(rep["modes"]) == MODES
     for mode, row in rep["modes"].items():

@@ -842,6 +842,8 @@ def run_eval(opts: EvalOptions) -> dict[str, Any]:
             "backend": f"{reranker.backend}/{reranker.precision}/{reranker.device}",
             "untrained_head": reranker.source.startswith("bundled:"),
         }
+        # what the sidecar applied: the flag, else the model's own default
+        report["long_docs"] = opts.long_docs or reranker.default_long_docs or None
         report["encoders"] = {
             kind: None if m is None else {"name": m.name, "source": m.source}
             for kind, m in (("dense", dense), ("sparse", sparse))
