@@ -13,6 +13,7 @@ import pytest
 from rerankd import RerankClient
 from rerankd.engine.bundled import resolve_source
 from rerankd.server.process import spawn_sidecar
+from tests.integration.sidecars import NO_ENCODERS
 
 QUERY = "how do cats sleep"
 LONG = "cats sleep curled up somewhere warm. " * 40  # several 32-token windows
@@ -26,26 +27,9 @@ def sidecar(tmp_path_factory: pytest.TempPathFactory):
     for folder in (plain, trained):
         shutil.copytree(resolve_source("bundled:splade-tiny"), folder)
     (trained / "rerankd.json").write_text(json.dumps({"long_docs": "truncate"}))
-    proc = spawn_sidecar(
-        [
-            "--model",
-            f"trained={trained}",
-            "--model",
-            f"plain={plain}",
-            "--backend",
-            "torch",
-            "--max-length",
-            "32",
-            "--cache-entries",
-            "1000",
-            "--dense-encoder",
-            "",
-            "--sparse-encoder",
-            "",
-            "--log-level",
-            "WARNING",
-        ]
-    )
+    args = ["--model", f"trained={trained}", "--model", f"plain={plain}", "--backend", "torch"]
+    args += ["--max-length", "32", "--cache-entries", "1000", "--log-level", "WARNING"]
+    proc = spawn_sidecar([*args, *NO_ENCODERS])
     yield proc
     proc.stop()
 
