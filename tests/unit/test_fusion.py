@@ -76,6 +76,20 @@ def test_fit_trusts_a_good_model_and_not_a_harmful_one() -> None:
     assert {g["weight"] for g in grid} >= {0.0, 0.5, 1.0}
 
 
+def test_max_weight_bounds_how_far_the_fit_trusts_the_model() -> None:
+    queries = _dev(0.9)
+    free, _ = fit(queries)
+    capped, grid = fit(queries, max_weight=0.2)
+    assert free.weight > 0.2 and 0 < capped.weight <= 0.2
+    assert max(g["weight"] for g in grid) == 0.2 and capped.fitted_on["max_weight"] == 0.2
+    never, _ = fit(queries, max_weight=0.0)
+    assert never.weight == 0.0 and never.gate == NEVER_GATE
+    # the model's own figure is still reported, though the grid never reaches weight 1
+    assert never.fitted_on["dev_ndcg@10"]["model"] == free.fitted_on["dev_ndcg@10"]["model"]
+    with pytest.raises(ValueError, match="max_weight must be in"):
+        fit(queries, max_weight=1.5)
+
+
 def test_fit_prefers_the_most_conservative_of_near_ties() -> None:
     queries = _dev(0.9)
     params, grid = fit(queries, tolerance=0.05)

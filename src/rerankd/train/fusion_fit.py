@@ -56,7 +56,11 @@ def per_query_ndcg(queries: Sequence[DevQuery], params: FusionParams) -> np.ndar
 
 
 def fit(
-    queries: Sequence[DevQuery], *, tolerance: float = 0.002, describe: dict[str, Any] | None = None
+    queries: Sequence[DevQuery],
+    *,
+    tolerance: float = 0.002,
+    max_weight: float = 1.0,
+    describe: dict[str, Any] | None = None,
 ) -> tuple[FusionParams, list[dict[str, float]]]:
     """Grid-search (weight, gate) on dev NDCG@10, then take the most conservative setting
     that the dev set cannot tell from the best; returns it and the grid.
@@ -68,11 +72,16 @@ def fit(
     the model was trained on, so they overstate how far to trust it; the cost of trusting
     it too much shows up off-domain, where no dev set exists. With 60 dev queries the
     rule moved rerankd-minilm-l6 from weight 0.35 (the within-0.002 pick) to 0.25.
+
+    `max_weight` bounds the grid: how far a caller trusts the model off-domain whatever the
+    dev queries say (0 keeps the first-stage order always).
     """
     if not queries:
         raise ValueError("fusion needs at least one dev query with judgments")
+    if not 0.0 <= max_weight <= 1.0:
+        raise ValueError(f"max_weight must be in [0, 1], got {max_weight}")
     per: dict[tuple[float, float], np.ndarray] = {}
-    for w in WEIGHT_GRID:
+    for w in (w for w in WEIGHT_GRID if w <= max_weight):
         for tau in GATE_GRID if w > 0 else (NEVER_GATE,):
             per[(w, tau)] = per_query_ndcg(queries, FusionParams(w, tau))
     grid = [{"weight": w, "gate": t, "ndcg@10": float(v.mean())} for (w, t), v in per.items()]
@@ -91,12 +100,13 @@ def fit(
         "queries": n,
         "dev_ndcg@10": {
             "first_stage": float(per[(0.0, NEVER_GATE)].mean()),
-            "model": float(per[(1.0, NEVER_GATE)].mean()),
+            "model": float(per_query_ndcg(queries, FusionParams(1.0, NEVER_GATE)).mean()),
             "fused": float(per[pick].mean()),
             "best": float(best.mean()),
         },
         "rule": "one standard error",
         "tolerance": tolerance,
+        **({"max_weight": max_weight} if max_weight < 1.0 else {}),
     }
     return FusionParams(pick[0], pick[1], fitted_on=fitted_on), grid
 
@@ -118,7 +128,7 @@ def read_dev_queries(
 
 
 def fit_from_files(
-    scores: Path, dataset: Path, split: str, describe: dict | None = None
+    scores: Path, dataset: Path, split: str, describe: dict | None = None, max_weight: float = 1.0
 ) -> tuple[FusionParams, list[dict[str, float]]]:
     if split == "test":
         raise ValueError(
@@ -130,7 +140,7 @@ def fit_from_files(
     if not queries:
         raise ValueError(f"{scores} has no query judged in {dataset} split {split!r}")
     info = {"dataset": data.name, "split": split, "scores": scores.name, **(describe or {})}
-    return fit(queries, describe=info)
+    return fit(queries, max_weight=max_weight, describe=info)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -144,6 +154,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--split", default="train", help="qrels split of the dev queries")
     p.add_argument("--model", type=Path, required=True, help="model folder to write into")
     p.add_argument("--first-stage", default="", help="first stage named in fusion.json")
+    p.add_argument(
+        "--max-weight",
+        type=float,
+        default=1.0,
+        help="the most weight the fusion may give the model, whatever the dev queries say "
+        "(0 = always the first-stage order)",
+    )
     ns = p.parse_args(argv)
     try:
         params, _ = fit_from_files(
@@ -151,6 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ns.dataset,
             ns.split,
             {"first_stage": ns.first_stage} if ns.first_stage else None,
+            ns.max_weight,
         )
     except (ValueError, OSError) as exc:
         print(f"rerankd fit-fusion: {exc}", file=sys.stderr)
