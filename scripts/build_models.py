@@ -568,8 +568,15 @@ def card(build: Path, name: str, models: Path) -> str:
         "(Spearman of the model's scores with the first-stage order; below it the "
         "first-stage order is kept)"
         + (
-            ". Weight 0: on the dev queries no fusion beat the first stage by more than one "
-            "standard error, so `hybrid_search` keeps the first-stage order with this model "
+            ". Weight 0: "
+            + (
+                "the recipe holds it there (`fit-fusion --max-weight 0`; why: "
+                "`STUDENT_FUSION_MAX_WEIGHT` in `scripts/build_models.py`)"
+                if fusion["fitted_on"].get("max_weight") == 0
+                else "on the dev queries no fusion beat the first stage by more than one "
+                "standard error"
+            )
+            + ", so `hybrid_search` keeps the first-stage order with this model "
             "(a plain Rerank call still ranks by the model)"
             if fusion["weight"] == 0
             else ""
