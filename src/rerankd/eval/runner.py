@@ -116,8 +116,8 @@ class EvalOptions:
     relevance_threshold: int | None = None
     max_length: int = 0
     #: how the sidecar scores a document longer than one window: "max" (every window, the
-    #: best counts: the serving default) or "truncate" (the first window only, as training
-    #: reads documents); None = the sidecar's default
+    #: best counts) or "truncate" (the first window only, as training reads documents);
+    #: None = the model's own default (`long_docs` in its rerankd.json, else max)
     long_docs: str | None = None
     backend: str | None = None
     threads: int = 0
@@ -316,8 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--long-docs",
         choices=[v.value for v in LongDocs],
-        help="score a document longer than one window by its best window (max, the "
-        "sidecar's default) or by its first (truncate, as training reads it)",
+        help="score a document longer than one window by its best window (max) or by its "
+        "first (truncate, as training reads it); default: the model's own (`long_docs` in "
+        "its rerankd.json, else max)",
     )
     p.add_argument("--backend", help="backend for a spawned sidecar (its --backend)")
     p.add_argument(
