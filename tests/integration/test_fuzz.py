@@ -904,7 +904,7 @@ RERANK_SCHEMA: dict[str, tuple[bool, Callable[[Any], bool]]] = {
     "max_length": (False, optional(is_int)),
     "normalize": (False, one_of_values("raw", "sigmoid")),
     "depth": (False, is_int),
-    "long_docs": (False, one_of_values("max", "truncate")),
+    "long_docs": (False, optional(one_of_values("max", "truncate"))),  # null = model default
     "window_overlap": (False, is_int),
     "max_doc_tokens": (False, is_int),
     "keep_schedule": (False, lambda v: isinstance(v, list) and all(is_float(x) for x in v)),
