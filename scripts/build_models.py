@@ -310,9 +310,10 @@ def ablation(build: Path, data: Path) -> None:
     tensors = load_file(src / "model.safetensors")
     kept = {k: v for k, v in tensors.items() if not k.startswith("classifier_depth")}
     save_file(kept, dst / "model.safetensors", metadata={"format": "pt"})
+    src_meta = read_meta(src)
     meta = {
-        "max_length": read_meta(src).get("max_length"),
-        "long_docs": read_meta(src).get("long_docs", "max"),
+        "max_length": src_meta.get("max_length"),
+        "long_docs": src_meta.get("long_docs", "max"),
         "note": "phase-2 weights without per-depth heads: depth k runs the full head on layer k",
     }
     (dst / "rerankd.json").write_text(json.dumps(meta) + "\n")

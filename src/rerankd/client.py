@@ -57,7 +57,7 @@ _LONG = {
     LongDocs.MAX: pb.LONG_DOCS_MAX,
     LongDocs.TRUNCATE: pb.LONG_DOCS_TRUNCATE,
 }
-_LONG_NAME = {pb.LONG_DOCS_MAX: "max", pb.LONG_DOCS_TRUNCATE: "truncate"}
+_LONG_NAME = {v: k.value for k, v in _LONG.items() if k is not None}
 _INPUT = {"query": pb.INPUT_TYPE_QUERY, "document": pb.INPUT_TYPE_DOCUMENT}
 
 

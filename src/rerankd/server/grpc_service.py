@@ -48,7 +48,7 @@ _LONG_DOCS = {
     pb.LONG_DOCS_MAX: LongDocs.MAX,
     pb.LONG_DOCS_TRUNCATE: LongDocs.TRUNCATE,
 }
-_LONG_DOCS_PB = {LongDocs.MAX: pb.LONG_DOCS_MAX, LongDocs.TRUNCATE: pb.LONG_DOCS_TRUNCATE}
+_LONG_DOCS_PB = {v: k for k, v in _LONG_DOCS.items() if v is not None}
 _FUSION = {
     pb.FUSION_UNSPECIFIED: Fusion.OFF,
     pb.FUSION_OFF: Fusion.OFF,
