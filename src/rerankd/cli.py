@@ -101,6 +101,12 @@ def _extract_depth(argv: Sequence[str]) -> int:
     return main_extract_depth(argv)
 
 
+def _graft_depth(argv: Sequence[str]) -> int:
+    from rerankd.train.cli import main_graft_depth
+
+    return main_graft_depth(argv)
+
+
 def _fit_fusion(argv: Sequence[str]) -> int:
     from rerankd.train.fusion_fit import main as fit_main
 
@@ -123,6 +129,7 @@ COMMANDS = {
     "train": (_train, "fine-tune a cross-encoder on a BEIR train split (hard negatives)"),
     "distill": (_distill, "teacher -> student, or Matryoshka cascaded self-distillation"),
     "extract-depth": (_extract_depth, "a Matryoshka model's depth cut as a model of its own"),
+    "graft-depth": (_graft_depth, "a k-layer model back into a Matryoshka model as its depth k"),
     "fit-fusion": (_fit_fusion, "fit a model's fusion with the first stage on dev queries"),
 }
 

@@ -156,3 +156,35 @@ def test_the_default_fine_tunes_on_a_users_qrels_by_name(tmp_path) -> None:
         assert model.rerank(QUERY, docs, options=wide).results[0].id == "rel"
     finally:
         model.close()
+
+
+def test_the_student_grafts_back_into_the_default_as_its_depth_2(tmp_path) -> None:
+    """`rerankd graft-depth --model rerankd-minilm-l6 --student rerankd-tiny-l2`: the shipped
+    names resolve, the full depth scores exactly as before, and depth 2 ranks the six
+    passages as the student does (its difference from the default's two layers carried as
+    rank-16 LoRA, its head as the depth-2 head)."""
+    from scipy.stats import spearmanr
+
+    from rerankd.cli import main
+
+    out = tmp_path / "grafted"
+    argv = ["graft-depth", "--model", DEFAULT_RERANKER, "--student", "rerankd-tiny-l2"]
+    assert main([*argv, "--out", str(out)]) == 0
+    docs = [Document(f"o{i}", t) for i, t in enumerate(OTHERS)] + [Document("rel", PASSAGE)]
+    names = (str(out), DEFAULT_RERANKER, "rerankd-tiny-l2")
+    grafted, shipped, student = (load_reranker(m, backend="torch") for m in names)
+    try:
+
+        def scores(model, **options) -> list[float]:
+            resp = model.rerank(QUERY, docs, options=RerankOptions(**options))
+            by_id = {r.id: r.score for r in resp.results}
+            return [by_id[d.id] for d in docs]
+
+        assert scores(grafted) == scores(shipped)  # the full depth uses no LoRA
+        depth2 = scores(grafted, depth=2)
+        assert depth2 != scores(shipped, depth=2)
+        assert spearmanr(depth2, scores(student)).statistic > 0.9
+        assert max(depth2) == depth2[-1]  # the relevant passage first
+    finally:
+        for m in (grafted, shipped, student):
+            m.close()

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from rerankd.errors import ModelLoadError
 
@@ -35,6 +37,20 @@ _DROP_PREFIXES = ("cls.", "lm_head.", "pooler.predictions")
 _DROP_SUFFIXES = ("position_ids",)
 # The masked-LM head inside the `cls.` prefix, kept on request (SPLADE needs it).
 _MLM_HEAD_PREFIX = "cls.predictions."
+
+
+def write_safetensors(
+    path: Path, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> None:
+    """`safetensors.torch.save_file`, then the file made readable as the umask allows.
+
+    Why: safetensors creates its file with mode 0600, so a model trained or published by one
+    user (a training job, `make models`) could not be read by a sidecar running as another
+    (a container's service user), though every other file in the folder could."""
+    save_file(dict(tensors), str(path), metadata=metadata)
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
 
 
 def resolve(source: str) -> Path:

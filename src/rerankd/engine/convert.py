@@ -13,9 +13,8 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from rerankd.engine.checkpoint import read_weights
+from rerankd.engine.checkpoint import read_weights, write_safetensors
 from rerankd.engine.models.config import ModelConfig
 from rerankd.errors import ModelLoadError
 
@@ -57,7 +56,7 @@ def backbone_to_cross_encoder(src: Path, dst: Path, seed: int = 0) -> Path:
     out["classifier.weight"], out["classifier.bias"] = _init_linear(1, h, gen, std)
 
     dst.mkdir(parents=True, exist_ok=True)
-    save_file(out, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    write_safetensors(dst / "model.safetensors", out, {"format": "pt"})
     raw.update(
         architectures=["BertForSequenceClassification"],
         num_labels=1,

@@ -127,7 +127,9 @@ def publish(
     each must equal the trained tensor exactly (a frozen table), or this refuses.
     """
     import torch
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
+
+    from rerankd.engine.checkpoint import write_safetensors
 
     dst = (dst_root or _MODELS_DIR) / name
     weights = load_file(str(trained / "model.safetensors"))
@@ -144,7 +146,7 @@ def publish(
     for f in _COPIED:
         if (trained / f).is_file():
             shutil.copy2(trained / f, tmp / f)
-    save_file(fp16, str(tmp / "model.safetensors"), metadata={"format": "pt", "name": name})
+    write_safetensors(tmp / "model.safetensors", fp16, {"format": "pt", "name": name})
     (tmp / "rerankd.json").write_text(
         json.dumps({**meta, "name": name, EXTERNAL_KEY: refs}, indent=2, sort_keys=True) + "\n"
     )

@@ -381,3 +381,49 @@ def main_extract_depth(argv: Sequence[str]) -> int:
         return 2
     print(out)
     return 0
+
+
+def main_graft_depth(argv: Sequence[str]) -> int:
+    """`rerankd graft-depth`: the inverse of `extract-depth`. A k-layer model (typically
+    that cut, distilled further with every weight free) becomes the Matryoshka model's
+    depth k: its difference from the first k layers as that depth's LoRA (truncated SVD),
+    its head as that depth's head; the full depth is unchanged (see `rerankd.train.graft`)."""
+    from rerankd.errors import RerankdError
+    from rerankd.train.graft import graft_depth
+    from rerankd.train.modeling import resolve_backbone
+
+    p = argparse.ArgumentParser(
+        prog="rerankd graft-depth",
+        description="Write the Matryoshka cross-encoder MODEL with depth k (k = the "
+        "STUDENT's layer count) replaced by STUDENT: depth k's LoRA becomes the rank-R SVD "
+        "of the STUDENT's matrices minus MODEL's, depth k's head the STUDENT's head. The "
+        "full depth scores as before. Prints what the rank kept and what LoRA cannot carry "
+        "(biases, LayerNorms, embeddings).",
+    )
+    p.add_argument(
+        "--model",
+        required=True,
+        help="Matryoshka cross-encoder: a folder or a shipped model's name (rerankd-minilm-l6)",
+    )
+    p.add_argument(
+        "--student",
+        required=True,
+        help="the k-layer cross-encoder to graft (a folder or a shipped name: rerankd-tiny-l2)",
+    )
+    p.add_argument(
+        "--rank",
+        type=_positive_int,
+        help="LoRA rank for a MODEL without LoRA (default 16); a MODEL with LoRA keeps its own",
+    )
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    ns = p.parse_args(argv)
+    try:
+        out, report = graft_depth(
+            resolve_backbone(ns.model), resolve_backbone(ns.student), ns.out, ns.rank
+        )
+    except (RerankdError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(report.describe()))
+    print(out)
+    return 0

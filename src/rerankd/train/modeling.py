@@ -55,12 +55,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from rerankd.engine.bundled import PREFIX as BUNDLED_PREFIX
 from rerankd.engine.bundled import backbone_dir
-from rerankd.engine.checkpoint import read_weights
+from rerankd.engine.checkpoint import read_weights, write_safetensors
 from rerankd.engine.convert import backbone_to_cross_encoder
 from rerankd.engine.loading import install_lora, lora_meta, mean_pooled_depths
 from rerankd.engine.model_meta import read_meta
@@ -376,7 +375,7 @@ def _atomic_write_bytes(path: Path, writer: Any) -> None:
 
 def save_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], meta: dict[str, str]) -> None:
     """Write a safetensors file atomically (a crash mid-save leaves the old file)."""
-    _atomic_write_bytes(path, lambda tmp: save_file(dict(tensors), str(tmp), metadata=meta))
+    _atomic_write_bytes(path, lambda tmp: write_safetensors(tmp, tensors, meta))
 
 
 def write_json(path: Path, obj: Any) -> None:

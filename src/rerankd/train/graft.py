@@ -1,0 +1,176 @@
+"""A free k-layer model grafted back into a Matryoshka checkpoint as its depth k.
+
+Depth k of a Matryoshka checkpoint shares its first k layers with the full depth, so all it
+may change of them is its vertical LoRA (`lora_depth{k}.*`) and its own head. A student
+that starts from that cut (`rerankd extract-depth`) and is then distilled with every
+weight free (`rerankd distill --student-init`) ranks better than the cut it came from;
+the difference between its matrices and the checkpoint's is close to low rank (for
+`rerankd-tiny-l2` against `rerankd-minilm-l6`, rank 16 keeps 91-100% of each matrix's
+squared norm). So its truncated SVD *is* a vertical LoRA update in the checkpoint's own
+format, and with the student's head as depth k's head the checkpoint at depth k scores
+nearly as the student does, while its full depth, which uses no LoRA, is untouched.
+
+What cannot be carried is what depth k shares with the full depth and LoRA does not
+cover: the student's biases, LayerNorms and embeddings (and any linear outside the
+checkpoint's LoRA targets). `graft_depth` reports how far each had moved, so a user can
+see what the graft leaves out; the served scores are the check.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rerankd.engine.checkpoint import read_weights
+from rerankd.engine.loading import lora_meta
+from rerankd.engine.model_meta import read_meta
+from rerankd.engine.models.bert import DEFAULT_LORA_TARGETS, LoraSpec, backbone_prefix
+from rerankd.engine.models.config import ModelConfig
+from rerankd.train.modeling import (
+    DEPTH_HEAD,
+    TOKENIZER_FILES,
+    same_tokenization,
+    save_safetensors,
+    write_json,
+)
+
+#: the architecture fields a graft needs equal in both models (all but the depth)
+_SHAPE = ("family", "hidden_size", "intermediate_size", "num_heads", "vocab_size")
+
+
+@dataclass(frozen=True)
+class GraftReport:
+    """What a graft kept and left out, per tensor name."""
+
+    depth: int
+    rank: int
+    #: share of each carried update's squared Frobenius norm the rank keeps
+    energy: dict[str, float]
+    #: |student - checkpoint| / |checkpoint| of what depth k shares and LoRA cannot change
+    left_out: dict[str, float]
+
+    def describe(self) -> dict[str, Any]:
+        kept = list(self.energy.values())
+        drift = {k: v for k, v in self.left_out.items() if not k.endswith("key.bias")}
+        worst = max(drift, key=drift.__getitem__) if drift else None
+        return {
+            "depth": self.depth,
+            "rank": self.rank,
+            "energy_min": round(min(kept), 4) if kept else None,
+            "energy_mean": round(sum(kept) / len(kept), 4) if kept else None,
+            # a key bias adds the same q.b to every logit of a query row: softmax ignores it
+            "left_out_max": {worst: round(drift[worst], 4)} if worst else {},
+        }
+
+
+def _pooling(folder: Path, key: str) -> str:
+    meta = read_meta(folder)
+    if key == "matryoshka":
+        return str((meta.get("matryoshka") or {}).get("pooling", "cls"))
+    return str(meta.get("head_pooling", "cls"))
+
+
+def _check(model: Path, student: Path, tcfg: ModelConfig, scfg: ModelConfig) -> int:
+    """The depth the graft replaces (the student's layer count), or ValueError saying what
+    does not fit."""
+    for field in _SHAPE:
+        a, b = getattr(tcfg, field), getattr(scfg, field)
+        if a != b:
+            raise ValueError(f"{student} has {field} {b}, {model} has {a}: they must match")
+    depth = scfg.num_layers
+    if not 1 <= depth < tcfg.num_layers:
+        raise ValueError(
+            f"{student} has {depth} layers; a graft replaces a depth below {model}'s "
+            f"{tcfg.num_layers} (1..{tcfg.num_layers - 1})"
+        )
+    if "matryoshka" not in read_meta(model):
+        raise ValueError(
+            f"{model} is not a Matryoshka checkpoint (no matryoshka in rerankd.json): train "
+            "one with `rerankd distill --matryoshka`"
+        )
+    if (a := _pooling(model, "matryoshka")) != (b := _pooling(student, "head")):
+        raise ValueError(
+            f"{model}'s depth heads read the {a} pooling, {student}'s head reads {b}: a "
+            "head moves only between the same pooling"
+        )
+    if not same_tokenization(model, student):
+        raise ValueError(f"{student} and {model} tokenize differently")
+    return depth
+
+
+def graft_depth(
+    model: Path, student: Path, dst: Path, rank: int | None = None
+) -> tuple[Path, GraftReport]:
+    """Write `model` with depth k (k = the student's layer count) replaced by `student`:
+    vertical LoRA for depth k = the rank-r SVD of (student - model) on the LoRA targets of
+    layers 0..k-1, depth k's head = the student's head. Rank, alpha and targets are the
+    checkpoint's (`matryoshka.lora`); `rank` must then agree, or sets them for a
+    checkpoint without LoRA (alpha = rank, the default targets)."""
+    tcfg = ModelConfig.from_file(model / "config.json")
+    scfg = ModelConfig.from_file(student / "config.json")
+    depth = _check(model, student, tcfg, scfg)
+    meta = read_meta(model)
+    spec = lora_meta(model)
+    if spec is not None:
+        if rank is not None and rank != int(spec["rank"]):
+            raise ValueError(
+                f"{model}'s LoRA has rank {spec['rank']} (one rank per checkpoint); "
+                f"leave --rank out or give {spec['rank']}"
+            )
+        rank, alpha, targets = int(spec["rank"]), float(spec["alpha"]), list(spec["targets"])
+    else:
+        rank = rank or 16
+        alpha, targets = float(rank), list(DEFAULT_LORA_TARGETS)
+    if not 1 <= rank <= tcfg.hidden_size:
+        raise ValueError(f"rank must be in 1..{tcfg.hidden_size}, got {rank}")
+    scale = alpha / rank
+    prefix = backbone_prefix(tcfg)
+    tw, sw = read_weights(model), read_weights(student)
+    out = {k: v for k, v in tw.items() if not k.startswith(f"lora_depth{depth}.")}
+    energy: dict[str, float] = {}
+    for i in range(depth):
+        for t in targets:
+            name = f"{prefix}.encoder.layer.{i}.{t}.weight"
+            delta = sw[name].float() - tw[name].float()
+            u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+            total = float((s**2).sum())
+            energy[name] = float((s[:rank] ** 2).sum()) / total if total > 0 else 1.0
+            root = (s[:rank] / scale).sqrt()
+            out[f"lora_depth{depth}.layer{i}.{t}.B"] = (u[:, :rank] * root).contiguous()
+            out[f"lora_depth{depth}.layer{i}.{t}.A"] = (root[:, None] * vh[:rank]).contiguous()
+    head = DEPTH_HEAD.format(k=depth)
+    for x in ("weight", "bias"):
+        out[f"{head}.{x}"] = sw[f"classifier.{x}"].to(tw["classifier.weight"].dtype)
+    carried = {f"{prefix}.encoder.layer.{i}.{t}.weight" for i in range(depth) for t in targets}
+    left_out: dict[str, float] = {}
+    for name, s_t in sw.items():
+        layer = name.removeprefix(f"{prefix}.encoder.layer.").split(".", 1)[0]
+        in_stack = name.startswith(f"{prefix}.embeddings.") or (
+            layer.isdigit() and int(layer) < depth
+        )
+        if in_stack and name not in carried and name in tw:
+            ref = tw[name].float()
+            left_out[name] = float((s_t.float() - ref).norm() / ref.norm().clamp_min(1e-12))
+    report = GraftReport(depth, rank, energy, left_out)
+
+    dst.mkdir(parents=True, exist_ok=True)
+    save_safetensors(dst / "model.safetensors", out, {})
+    for name in ("config.json", "fusion.json", *TOKENIZER_FILES):
+        if (model / name).exists():
+            shutil.copyfile(model / name, dst / name)
+    mat = dict(meta["matryoshka"])
+    old = LoraSpec(rank, alpha, tuple(targets)) if spec is None else None
+    lora = dict(mat.get("lora") or (old.describe() if old else {}))
+    lora["vertical"] = sorted({*lora.get("vertical", []), depth})
+    mat["lora"] = lora
+    mat["depths"] = sorted({*mat.get("depths", []), depth})
+    mat["heads"] = {**mat.get("heads", {}), str(depth): head}
+    # the word-embedding table is stored here (read_weights restored it), not referenced
+    new = {k: v for k, v in meta.items() if k != "external_tensors"}
+    new |= {"matryoshka": mat, "grafted": report.describe() | {"from": str(student)}}
+    write_json(dst / "rerankd.json", new)
+    return dst, report
