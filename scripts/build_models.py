@@ -7,7 +7,7 @@ Stages (each prints and runs documented `rerankd` commands; outputs under --buil
 
 1. `teacher`: `rerankd-minilm-l6`: all-MiniLM-L6-v2 as a cross-encoder, Matryoshka cascaded
    self-distillation on SciFact *train* (BM25 hard negatives; the full depth learns the
-   labels, every depth k learns from depth k+1 through its own head). Three phases: one
+   labels, every depth k learns from depth k+1 through its own head). Four phases: one
    epoch of the pure cascade, then one with label CE at every depth as well (after the
    first epoch the full depth was good and depths 1-3 were still at their untrained
    level: the cascade alone reaches the shallow heads too slowly for a 2-core budget);
@@ -22,20 +22,23 @@ Stages (each prints and runs documented `rerankd` commands; outputs under --buil
    head), then trained as a student of the full teacher (`rerankd distill --student-init`,
    the teacher's scores only, SciFact train and pseudo queries) for two epochs: BM25
    negatives and margin-MSE, then dense negatives and listwise KL.
-3. `fusion`: each model reranks the hybrid top-100 of the 60 train queries the trainer held
+3. `graft`: the student back into the teacher as its depth 2 (`rerankd graft-depth`:
+   its difference from the first two layers as the depth-2 LoRA, by truncated SVD; its
+   head as the depth-2 head). The full depth is unchanged.
+4. `fusion`: each model reranks the hybrid top-100 of the 60 train queries the trainer held
    apart (`rerankd eval --split train --dev-queries 60`), and `rerankd fit-fusion` fits its
    fusion with the first stage on them. Test qrels are never used for training or fitting.
-4. `publish`: fp16 safetensors without the frozen word-embedding table into
+5. `publish`: fp16 safetensors without the frozen word-embedding table into
    `src/rerankd/models/NAME` (see `rerankd.engine.shipped`).
-5. `eval`: `rerankd eval` on SciFact test, TREC DL 2019, Cranfield and CISI: hybrid first
+6. `eval`: `rerankd eval` on SciFact test, TREC DL 2019, Cranfield and CISI: hybrid first
    stage in embedded Qdrant, rerank at depths, fused and not; JSON + PNG per set.
-6. `ablation`: what depth-2 self-distillation fixes. The phase-2 weights with every
+7. `ablation`: what depth-2 self-distillation fixes. The phase-2 weights with every
    per-depth head dropped (`minilm-l6-nocascade`: depth 2 runs the full model's head on
    layer 2; no phase 3) are evaluated at depth 2 on the same sets.
-7. `pruning`: what horizontal LoRA fixes. The teacher with and without it (phase 4 against
+8. `pruning`: what horizontal LoRA fixes. The teacher with and without it (phase 4 against
    phase 3) reranks at keep ratios 0.5 and 0.25 on TREC DL 2019 and CISI (token pruning
    runs on the torch backend only, fp32: slower than the ONNX evals, hence two sets).
-8. `card`: the model cards (README.md in each model folder) from the logs and eval JSONs
+9. `card`: the model cards (README.md in each model folder) from the logs and eval JSONs
    (a run whose log is not on this machine keeps the lines of the card's earlier render).
 
 Everything is seeded; training stops at fixed step counts (`--max-steps`), so a rerun on
@@ -65,7 +68,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 MODELS = REPO / "src" / "rerankd" / "models"
-STAGES = ("teacher", "student", "fusion", "publish", "eval", "ablation", "pruning", "card")
+STAGES = (
+    "teacher", "student", "graft", "fusion", "publish", "eval", "ablation", "pruning", "card",
+)  # fmt: skip
 WORDS = "bert.embeddings.word_embeddings.weight"
 BASE = "bundled:all-minilm-l6-v2"
 SEED = 0
@@ -127,10 +132,12 @@ STUDENT_EPOCH2 = [
 ]  # fmt: skip
 #: the Matryoshka model the student is cut from and distilled from
 TEACHER = "rerankd-minilm-l6"
+#: the 2-layer student, grafted back into the teacher as its depth 2
+STUDENT_NAME = "rerankd-tiny-l2"
 # name -> (folder under --build, how it is made, depths to evaluate)
 RECIPES: dict[str, tuple[str, str, list[int]]] = {
     TEACHER: ("minilm-l6", "teacher", [2]),
-    "rerankd-tiny-l2": ("tiny-l2", "student", []),
+    STUDENT_NAME: ("tiny-l2", "student", []),
 }
 
 
@@ -142,14 +149,18 @@ def run(args: list[str]) -> None:
     print(f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
 
 
+def phase_dir(build: Path, k: int) -> Path:
+    """The teacher's phase-k folder; phase 4's is the teacher before the `graft` stage."""
+    return build / f"{RECIPES[TEACHER][0]}-phase{k}"
+
+
 def train(build: Path, name: str, data: Path, extra: list[str]) -> None:
-    out = build / RECIPES[name][0]
-    phase1, phase2, phase3 = (out.with_name(f"{out.name}-phase{k}") for k in (1, 2, 3))
+    phase1, phase2, phase3, phase4 = (phase_dir(build, k) for k in (1, 2, 3, 4))
     for recipe, dst, init in (
         (PHASE1, phase1, []),
         (PHASE2, phase2, ["--model", str(phase1)]),
         (PHASE3, phase3, ["--model", str(phase2)]),
-        (PHASE4, out, ["--model", str(phase3)]),
+        (PHASE4, phase4, ["--model", str(phase3)]),
     ):
         resume = ["--resume"] if (dst / "trainer_state.json").exists() else []
         ds = ["--dataset", str(data / "scifact")]
@@ -197,7 +208,7 @@ def student(build: Path, name: str, data: Path, extra: list[str]) -> None:
       settings dev called equal; the gain is the data more than the steps, and 0.9 is far
       off this path.
     Session notes of 2026-11-23 and 2026-11-24 have the figures."""
-    teacher = build / RECIPES[TEACHER][0]
+    teacher = phase_dir(build, 4)
     out = build / RECIPES[name][0]
     init, epoch1 = (out.with_name(f"{out.name}-{k}") for k in ("init", "epoch1"))
     run(["extract-depth", "--model", str(teacher), "--depth", "2", "--out", str(init)])
@@ -208,6 +219,31 @@ def student(build: Path, name: str, data: Path, extra: list[str]) -> None:
             recipe[0], *COMMON, *recipe[1:], "--teacher", str(teacher), "--student-init",
             str(src), "--dataset", str(data / "scifact"), "--out", str(dst), *resume, *extra,
         ])  # fmt: skip
+
+
+#: the LoRA rank the graft raises the teacher's adapters to (phase 3 trained at 16)
+GRAFT_RANK = 64
+
+
+def graft(build: Path) -> None:
+    """The student back into the teacher as its depth 2 (`rerankd graft-depth`): its
+    difference from the teacher's first two layers as the depth-2 LoRA (truncated SVD), its
+    head as the depth-2 head. The full depth, its fusion and its token-pruning LoRA are
+    untouched. Why: phase 3 could only train LoRA on frozen layers; the student, trained
+    from that cut with every weight free, ranks better, and what it learned is close to
+    low rank. On the fusion's dev queries (hybrid top-100 of the 60 SciFact train queries
+    held apart), depth 2's NDCG@10 was 0.487 before the graft, 0.590 grafted at rank 16
+    (which kept 91% to 100% of each update) and 0.629 at rank 64 (96% to 100%); 0.631 is
+    the most LoRA can carry (the student's matrices at full rank, the teacher's biases,
+    LayerNorms and embeddings, which depth 2 shares with the full depth), and the student
+    alone scores 0.681. Spearman with the full depth: 0.334 before, 0.358 at rank 64. The
+    rank is one per checkpoint, so the horizontal adapters are zero-padded to 64 (the same
+    updates; 3.5 MB of zeros in the fp16 file)."""
+    student_dir = build / RECIPES[STUDENT_NAME][0]
+    run([
+        "graft-depth", "--model", str(phase_dir(build, 4)), "--student", str(student_dir),
+        "--rank", str(GRAFT_RANK), "--out", str(build / RECIPES[TEACHER][0]),
+    ])  # fmt: skip
 
 
 #: the student's fusion keeps the first-stage order (`fit-fusion --max-weight 0`). Reading
@@ -408,7 +444,7 @@ def _pruning_lines(build: Path) -> list[str]:
         "Full depth with only the given share of tokens kept from layer 2 on (Rerank option "
         "`keep_ratio`; torch backend, fp32). With: this model, whose `lora_keep` updates the "
         f"engine applies whenever it prunes (trained at keep {KEEP_TRAINED}). Without: its "
-        "phase-3 weights, the same model minus those updates. rho: Spearman with the "
+        "phase-3 weights: the same full depth without those updates. rho: Spearman with the "
         "unpruned scores. Unpruned, both score the same; the p50 columns are two runs on "
         "the same 2 cores (the torch backend serves the pruned model with its LoRA updates "
         "folded into a copy of the weights).",
@@ -536,6 +572,35 @@ def _ablation_figures(
     return out
 
 
+#: the card line of the `graft` stage
+GRAFT_LABEL = "then depth 2 grafted from rerankd-tiny-l2"
+
+
+def _graft_lines(teacher: Path, previous: str, carried: list[str]) -> list[str]:
+    """The `graft` stage as card lines, from the grafted teacher's rerankd.json (or the
+    previous render's, like a training run's lines, when it is not on this machine)."""
+    meta_path = teacher / "rerankd.json"
+    grafted = json.loads(meta_path.read_text()).get("grafted") if meta_path.exists() else None
+    if not grafted:
+        carried.append(GRAFT_LABEL)
+        try:
+            return _carried_lines(previous, GRAFT_LABEL)
+        except FileNotFoundError:  # a card rendered before the stage existed
+            carried.pop()
+            return []
+    (worst, drift), *_ = grafted["left_out_max"].items() or [("-", 0.0)]
+    return [
+        f"- {GRAFT_LABEL}: the student's difference from the first two layers became the "
+        "depth-2 LoRA (`rerankd graft-depth`, stage `graft`; truncated SVD at rank "
+        f"{grafted['rank']}, which kept {grafted['energy_min']:.0%} to 100% of each update's "
+        f"squared norm, {grafted['energy_mean']:.0%} on average) and its head the depth-2 "
+        "head; the full depth is unchanged",
+        "  - left out, as LoRA cannot change what depth 2 shares with the full depth: the "
+        "student's biases, LayerNorms and embeddings (largest move: "
+        f"`{worst}`, {drift:.0%} of its norm)",
+    ]
+
+
 def card(build: Path, name: str, models: Path) -> str:
     """The model card: recipe, data, seed, time, and every measured figure (good or bad)."""
     teacher = build / RECIPES[TEACHER][0]
@@ -560,9 +625,10 @@ def card(build: Path, name: str, models: Path) -> str:
     ]
     if RECIPES[name][1] == "student":
         lines += [
-            "- start: the first two layers of rerankd-minilm-l6 with its depth-2 LoRA folded "
-            "into the weights and its depth-2 (token-mean) head as the model's head "
-            "(`rerankd extract-depth`), which scores as rerankd-minilm-l6 served at depth 2",
+            "- start: the first two layers of rerankd-minilm-l6 as its phase 4 left it, with "
+            "its depth-2 LoRA folded into the weights and its depth-2 (token-mean) head as the "
+            "model's head (`rerankd extract-depth`); this model, trained from there, was then "
+            "grafted back as rerankd-minilm-l6's depth 2 (stage `graft`)",
         ]
         out = build / RECIPES[name][0]
         lines += phase(
@@ -570,12 +636,12 @@ def card(build: Path, name: str, models: Path) -> str:
         )
         lines += phase(out, "then, a second epoch as its student (dense-mined negatives)")
         lines += ["- rerankd-minilm-l6 was trained as follows:"]
-    lines += phase(teacher.with_name(teacher.name + "-phase1"), "phase 1")
-    lines += phase(teacher.with_name(teacher.name + "-phase2"), "phase 2")
-    lines += phase(
-        teacher.with_name(teacher.name + "-phase3"), "phase 3 (depth-2 compensation, base frozen)"
-    )
-    lines += phase(teacher, "phase 4 (horizontal compensation, all else frozen)")
+    lines += phase(phase_dir(build, 1), "phase 1")
+    lines += phase(phase_dir(build, 2), "phase 2")
+    lines += phase(phase_dir(build, 3), "phase 3 (depth-2 compensation, base frozen)")
+    lines += phase(phase_dir(build, 4), "phase 4 (horizontal compensation, all else frozen)")
+    if RECIPES[name][1] == "teacher":
+        lines += _graft_lines(teacher, previous, carried)
     if carried:
         lines += [
             "- (the lines of "
@@ -765,10 +831,14 @@ def main() -> int:
             print(f"== {stage}: {name}", flush=True)
             if stage != RECIPES[name][1] and stage in ("teacher", "student"):
                 continue
+            if stage == "graft" and RECIPES[name][1] != "teacher":
+                continue
             if stage == "teacher":
                 train(ns.build, name, ns.data, extra)
             elif stage == "student":
                 student(ns.build, name, ns.data, extra)
+            elif stage == "graft":
+                graft(ns.build)
             elif stage == "fusion":
                 fit_fusion(ns.build, name, ns.data, ns.dev_queries)
             elif stage == "publish":

@@ -53,7 +53,16 @@ def test_the_recipe_runs_end_to_end_as_one_command(tmp_path: Path) -> None:
     ]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
-    for stage in ("teacher", "student", "fusion", "publish", "eval", "ablation", "pruning"):
+    for stage in (
+        "teacher",
+        "student",
+        "graft",
+        "fusion",
+        "publish",
+        "eval",
+        "ablation",
+        "pruning",
+    ):
         assert f"== {stage}: rerankd-minilm-l6" in proc.stdout
     for name in SHIPPED:
         card = (models / name / "README.md").read_text()
@@ -70,6 +79,7 @@ def test_the_recipe_runs_end_to_end_as_one_command(tmp_path: Path) -> None:
             model.close()
     teacher_card = (models / "rerankd-minilm-l6" / "README.md").read_text()
     assert "without self-distillation" in teacher_card  # the ablation stage's figures
+    assert "- then depth 2 grafted from rerankd-tiny-l2: " in teacher_card  # the graft stage
     assert "## Token pruning (horizontal LoRA" in teacher_card  # the pruning stage's table
     assert "rho with rerankd-minilm-l6" in (models / "rerankd-tiny-l2" / "README.md").read_text()
     # the package's own models are untouched by a run published elsewhere

@@ -158,11 +158,11 @@ def test_the_default_fine_tunes_on_a_users_qrels_by_name(tmp_path) -> None:
         model.close()
 
 
-def test_the_student_grafts_back_into_the_default_as_its_depth_2(tmp_path) -> None:
-    """`rerankd graft-depth --model rerankd-minilm-l6 --student rerankd-tiny-l2`: the shipped
-    names resolve, the full depth scores exactly as before, and depth 2 ranks the six
-    passages as the student does (its difference from the default's two layers carried as
-    rank-16 LoRA, its head as the depth-2 head)."""
+def test_the_defaults_depth_2_is_the_student_grafted_back(tmp_path) -> None:
+    """`rerankd graft-depth --model rerankd-minilm-l6 --student rerankd-tiny-l2`, the
+    recipe's `graft` stage on the shipped names: the full depth scores exactly as before,
+    depth 2 ranks the six passages as the student does, and it scores as the shipped depth
+    2, which is this graft (made before fp16 publishing rounded both models' weights)."""
     from scipy.stats import spearmanr
 
     from rerankd.cli import main
@@ -182,7 +182,7 @@ def test_the_student_grafts_back_into_the_default_as_its_depth_2(tmp_path) -> No
 
         assert scores(grafted) == scores(shipped)  # the full depth uses no LoRA
         depth2 = scores(grafted, depth=2)
-        assert depth2 != scores(shipped, depth=2)
+        assert depth2 == pytest.approx(scores(shipped, depth=2), abs=0.05)
         assert spearmanr(depth2, scores(student)).statistic > 0.9
         assert max(depth2) == depth2[-1]  # the relevant passage first
     finally:

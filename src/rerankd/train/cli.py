@@ -413,7 +413,8 @@ def main_graft_depth(argv: Sequence[str]) -> int:
     p.add_argument(
         "--rank",
         type=_positive_int,
-        help="LoRA rank for a MODEL without LoRA (default 16); a MODEL with LoRA keeps its own",
+        help="LoRA rank (default: MODEL's own; 16 for a MODEL without LoRA). Above MODEL's, "
+        "every adapter of MODEL is zero-padded to it (their updates unchanged)",
     )
     p.add_argument("--out", type=Path, required=True, help="output folder")
     ns = p.parse_args(argv)

@@ -102,35 +102,51 @@ def _check(model: Path, student: Path, tcfg: ModelConfig, scfg: ModelConfig) -> 
     return depth
 
 
+def _padded(name: str, t: torch.Tensor, rank: int) -> torch.Tensor:
+    """A LoRA factor zero-padded to `rank` (A: more rows, B: more columns); B A is unchanged.
+    Other tensors as they are."""
+    if not name.startswith("lora_"):
+        return t
+    if name.endswith(".A"):
+        return torch.cat([t, t.new_zeros(rank - t.shape[0], t.shape[1])], 0)
+    return torch.cat([t, t.new_zeros(t.shape[0], rank - t.shape[1])], 1)
+
+
 def graft_depth(
     model: Path, student: Path, dst: Path, rank: int | None = None
 ) -> tuple[Path, GraftReport]:
     """Write `model` with depth k (k = the student's layer count) replaced by `student`:
     vertical LoRA for depth k = the rank-r SVD of (student - model) on the LoRA targets of
-    layers 0..k-1, depth k's head = the student's head. Rank, alpha and targets are the
-    checkpoint's (`matryoshka.lora`); `rank` must then agree, or sets them for a
-    checkpoint without LoRA (alpha = rank, the default targets)."""
+    layers 0..k-1, depth k's head = the student's head. Targets are the checkpoint's
+    (`matryoshka.lora`; the default ones for a checkpoint without LoRA). The rank is the
+    checkpoint's unless `rank` is given: a checkpoint has one rank, so a higher one
+    zero-pads its other adapters and scales alpha with it (their updates, and so every
+    other configuration's scores, stay exactly as they were); a lower one is refused."""
     tcfg = ModelConfig.from_file(model / "config.json")
     scfg = ModelConfig.from_file(student / "config.json")
     depth = _check(model, student, tcfg, scfg)
     meta = read_meta(model)
     spec = lora_meta(model)
-    if spec is not None:
-        if rank is not None and rank != int(spec["rank"]):
-            raise ValueError(
-                f"{model}'s LoRA has rank {spec['rank']} (one rank per checkpoint); "
-                f"leave --rank out or give {spec['rank']}"
-            )
-        rank, alpha, targets = int(spec["rank"]), float(spec["alpha"]), list(spec["targets"])
-    else:
-        rank = rank or 16
-        alpha, targets = float(rank), list(DEFAULT_LORA_TARGETS)
-    if not 1 <= rank <= tcfg.hidden_size:
-        raise ValueError(f"rank must be in 1..{tcfg.hidden_size}, got {rank}")
-    scale = alpha / rank
-    prefix = backbone_prefix(tcfg)
     tw, sw = read_weights(model), read_weights(student)
     out = {k: v for k, v in tw.items() if not k.startswith(f"lora_depth{depth}.")}
+    if spec is not None:
+        old_rank, targets = int(spec["rank"]), list(spec["targets"])
+        scale = float(spec["alpha"]) / old_rank
+        rank = old_rank if rank is None else rank
+        if rank < old_rank:
+            raise ValueError(
+                f"{model}'s LoRA has rank {old_rank}; a graft may raise it (its other adapters "
+                f"zero-padded), not lower it: leave --rank out or give at least {old_rank}"
+            )
+        if rank > old_rank:
+            out = {k: _padded(k, v, rank) for k, v in out.items()}
+    else:
+        rank = rank or 16
+        scale, targets = 1.0, list(DEFAULT_LORA_TARGETS)
+    if not 1 <= rank <= tcfg.hidden_size:
+        raise ValueError(f"rank must be in 1..{tcfg.hidden_size}, got {rank}")
+    alpha = scale * rank
+    prefix = backbone_prefix(tcfg)
     energy: dict[str, float] = {}
     for i in range(depth):
         for t in targets:
@@ -163,9 +179,8 @@ def graft_depth(
         if (model / name).exists():
             shutil.copyfile(model / name, dst / name)
     mat = dict(meta["matryoshka"])
-    old = LoraSpec(rank, alpha, tuple(targets)) if spec is None else None
-    lora = dict(mat.get("lora") or (old.describe() if old else {}))
-    lora["vertical"] = sorted({*lora.get("vertical", []), depth})
+    lora = dict(mat.get("lora") or LoraSpec(rank, alpha, tuple(targets)).describe())
+    lora |= {"rank": rank, "alpha": alpha, "vertical": sorted({*lora.get("vertical", []), depth})}
     mat["lora"] = lora
     mat["depths"] = sorted({*mat.get("depths", []), depth})
     mat["heads"] = {**mat.get("heads", {}), str(depth): head}
