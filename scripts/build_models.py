@@ -582,12 +582,10 @@ def _graft_lines(teacher: Path, previous: str, carried: list[str]) -> list[str]:
     meta_path = teacher / "rerankd.json"
     grafted = json.loads(meta_path.read_text()).get("grafted") if meta_path.exists() else None
     if not grafted:
-        carried.append(GRAFT_LABEL)
-        try:
-            return _carried_lines(previous, GRAFT_LABEL)
-        except FileNotFoundError:  # a card rendered before the stage existed
-            carried.pop()
+        if f"- {GRAFT_LABEL}: " not in previous:  # a card rendered before the stage existed
             return []
+        carried.append(GRAFT_LABEL)
+        return _carried_lines(previous, GRAFT_LABEL)
     (worst, drift), *_ = grafted["left_out_max"].items() or [("-", 0.0)]
     return [
         f"- {GRAFT_LABEL}: the student's difference from the first two layers became the "

@@ -67,16 +67,11 @@ class GraftReport:
         }
 
 
-def _pooling(folder: Path, key: str) -> str:
-    meta = read_meta(folder)
-    if key == "matryoshka":
-        return str((meta.get("matryoshka") or {}).get("pooling", "cls"))
-    return str(meta.get("head_pooling", "cls"))
-
-
-def _check(model: Path, student: Path, tcfg: ModelConfig, scfg: ModelConfig) -> int:
+def _check(
+    model: Path, student: Path, tcfg: ModelConfig, scfg: ModelConfig, meta: dict[str, Any]
+) -> int:
     """The depth the graft replaces (the student's layer count), or ValueError saying what
-    does not fit."""
+    does not fit. `meta` is the model's rerankd.json."""
     for field in _SHAPE:
         a, b = getattr(tcfg, field), getattr(scfg, field)
         if a != b:
@@ -87,14 +82,16 @@ def _check(model: Path, student: Path, tcfg: ModelConfig, scfg: ModelConfig) -> 
             f"{student} has {depth} layers; a graft replaces a depth below {model}'s "
             f"{tcfg.num_layers} (1..{tcfg.num_layers - 1})"
         )
-    if "matryoshka" not in read_meta(model):
+    if "matryoshka" not in meta:
         raise ValueError(
             f"{model} is not a Matryoshka checkpoint (no matryoshka in rerankd.json): train "
             "one with `rerankd distill --matryoshka`"
         )
-    if (a := _pooling(model, "matryoshka")) != (b := _pooling(student, "head")):
+    heads = str(meta["matryoshka"].get("pooling", "cls"))
+    own = str(read_meta(student).get("head_pooling", "cls"))
+    if heads != own:
         raise ValueError(
-            f"{model}'s depth heads read the {a} pooling, {student}'s head reads {b}: a "
+            f"{model}'s depth heads read the {heads} pooling, {student}'s head reads {own}: a "
             "head moves only between the same pooling"
         )
     if not same_tokenization(model, student):
@@ -124,8 +121,8 @@ def graft_depth(
     other configuration's scores, stay exactly as they were); a lower one is refused."""
     tcfg = ModelConfig.from_file(model / "config.json")
     scfg = ModelConfig.from_file(student / "config.json")
-    depth = _check(model, student, tcfg, scfg)
     meta = read_meta(model)
+    depth = _check(model, student, tcfg, scfg, meta)
     spec = lora_meta(model)
     tw, sw = read_weights(model), read_weights(student)
     out = {k: v for k, v in tw.items() if not k.startswith(f"lora_depth{depth}.")}
