@@ -154,6 +154,11 @@ def phase_dir(build: Path, k: int) -> Path:
     return build / f"{RECIPES[TEACHER][0]}-phase{k}"
 
 
+def student_epoch1(build: Path) -> Path:
+    """The student's first epoch; its second writes the student's own folder."""
+    return build / f"{RECIPES[STUDENT_NAME][0]}-epoch1"
+
+
 def train(build: Path, name: str, data: Path, extra: list[str]) -> None:
     phase1, phase2, phase3, phase4 = (phase_dir(build, k) for k in (1, 2, 3, 4))
     for recipe, dst, init in (
@@ -210,7 +215,7 @@ def student(build: Path, name: str, data: Path, extra: list[str]) -> None:
     Session notes of 2026-11-23 and 2026-11-24 have the figures."""
     teacher = phase_dir(build, 4)
     out = build / RECIPES[name][0]
-    init, epoch1 = (out.with_name(f"{out.name}-{k}") for k in ("init", "epoch1"))
+    init, epoch1 = out.with_name(f"{out.name}-init"), student_epoch1(build)
     run(["extract-depth", "--model", str(teacher), "--depth", "2", "--out", str(init)])
     for recipe, src, dst in ((STUDENT, init, epoch1), (STUDENT_EPOCH2, epoch1, out)):
         resume = ["--resume"] if (dst / "trainer_state.json").exists() else []
@@ -573,7 +578,7 @@ def _ablation_figures(
 
 
 #: the card line of the `graft` stage
-GRAFT_LABEL = "then depth 2 grafted from rerankd-tiny-l2"
+GRAFT_LABEL = f"then depth 2 grafted from {STUDENT_NAME}"
 
 
 def _graft_lines(teacher: Path, previous: str, carried: list[str]) -> list[str]:
@@ -628,11 +633,10 @@ def card(build: Path, name: str, models: Path) -> str:
             "model's head (`rerankd extract-depth`); this model, trained from there, was then "
             "grafted back as rerankd-minilm-l6's depth 2 (stage `graft`)",
         ]
-        out = build / RECIPES[name][0]
+        lines += phase(student_epoch1(build), "then, as a student of the full teacher")
         lines += phase(
-            out.with_name(out.name + "-epoch1"), "then, as a student of the full teacher"
+            build / RECIPES[name][0], "then, a second epoch as its student (dense-mined negatives)"
         )
-        lines += phase(out, "then, a second epoch as its student (dense-mined negatives)")
         lines += ["- rerankd-minilm-l6 was trained as follows:"]
     lines += phase(phase_dir(build, 1), "phase 1")
     lines += phase(phase_dir(build, 2), "phase 2")
