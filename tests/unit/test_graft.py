@@ -75,12 +75,36 @@ def test_the_grafted_depth_scores_as_the_student_and_nothing_else_moves(
     assert meta["grafted"]["depth"] == 3 and meta["grafted"]["from"] == str(student)
 
 
-def test_a_graft_says_what_its_rank_and_lora_could_not_carry(teacher: Path, tmp_path: Path) -> None:
-    student = _student(teacher, tmp_path / "student", delta_rank=8, bias=0.5)
+def test_a_graft_says_what_its_rank_could_not_carry(teacher: Path, tmp_path: Path) -> None:
+    student = _student(teacher, tmp_path / "student", delta_rank=8)
     _, report = graft_depth(teacher, student, tmp_path / "grafted")
     assert max(report.energy.values()) < 0.99  # rank 8 changes do not fit rank 2
-    drift = report.describe()["left_out_max"]
-    assert list(drift) == ["bert.encoder.layer.0.output.LayerNorm.bias"]
+
+
+def test_what_lora_cannot_reach_goes_in_as_deltas(teacher: Path, tmp_path: Path) -> None:
+    """A moved LayerNorm bias: carried as a depth-3 delta the grafted depth scores as the
+    student; without deltas (`--no-deltas`) it does not, and the report names it."""
+    student = _student(teacher, tmp_path / "student", bias=0.5)
+    out, report = graft_depth(teacher, student, tmp_path / "grafted")
+    lora_only, without = graft_depth(teacher, student, tmp_path / "lora-only", deltas=False)
+    name = "bert.encoder.layer.0.output.LayerNorm.bias"
+    assert report.describe()["deltas_max"] == {name: pytest.approx(report.deltas[name], abs=1e-4)}
+    assert report.describe()["left_out_max"] == {}  # the word embeddings did not move
+    assert list(without.describe()["left_out_max"]) == [name] and without.deltas == {}
+    assert f"delta_depth3.{name}" in load_file(str(out / "model.safetensors"))
+    meta = json.loads((out / "rerankd.json").read_text())["matryoshka"]
+    assert meta["deltas"]["depths"] == [3]
+    assert "deltas" not in json.loads((lora_only / "rerankd.json").read_text())["matryoshka"]
+    before, after, alone = (load_cross_encoder(p) for p in (teacher, out, student))
+    batch = _batch()
+    with torch.no_grad():
+        torch.testing.assert_close(after(**batch, depth=3), alone(**batch), atol=1e-4, rtol=0)
+        assert not torch.allclose(load_cross_encoder(lora_only)(**batch, depth=3), alone(**batch))
+        for depth in (1, 2, 4):
+            torch.testing.assert_close(after(**batch, depth=depth), before(**batch, depth=depth))
+    regrafted, _ = graft_depth(out, _student(teacher, tmp_path / "s2"), tmp_path / "again")
+    assert "deltas" not in json.loads((regrafted / "rerankd.json").read_text())["matryoshka"]
+    assert not any(k.startswith("delta_") for k in load_file(str(regrafted / "model.safetensors")))
 
 
 def test_a_higher_rank_carries_more_and_leaves_the_other_adapters_as_they_were(

@@ -3,7 +3,8 @@
 Weights are matched by name against our own architecture; a missing or unexpected
 tensor is an error that names it, so a wrong checkpoint never serves random scores.
 Matryoshka extras are recognised by name too: per-depth heads (`classifier_depth{k}.*`)
-and LoRA compensation (`lora_depth{k}.*`, `lora_keep.*`, see `models.bert`).
+LoRA compensation (`lora_depth{k}.*`, `lora_keep.*`) and per-depth deltas
+(`delta_depth{k}.*`), see `models.bert`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from rerankd.engine.checkpoint import read_weights
 from rerankd.engine.model_meta import read_meta
 from rerankd.engine.models.bert import (
+    DELTA_NAME,
     DEPTH_HEAD_NAME,
     MEAN_POOLING,
     CrossEncoder,
@@ -48,6 +50,7 @@ def load_cross_encoder(folder: Path) -> CrossEncoder | JinaCrossEncoder:
         except ValueError as exc:
             raise ModelLoadError(f"{folder}: {exc}") from exc
     install_lora(model, weights, folder)
+    install_deltas(model, weights, folder)
     if isinstance(model, CrossEncoder):
         model.mean_pooled = mean_pooled_depths(folder, cfg, depths)
     try:
@@ -140,6 +143,33 @@ def install_lora(
             f"{described[1]}) but the tensors are for depths {list(spec.vertical)} "
             f"(horizontal: {spec.horizontal})"
         )
+
+
+def install_deltas(
+    model: CrossEncoder | JinaCrossEncoder, weights: Mapping[str, torch.Tensor], folder: Path
+) -> None:
+    """Install (zeroed) the per-depth deltas that the `delta_*` tensors of `weights` name,
+    so that `load_state_dict` fills them. ModelLoadError for a malformed name, a depth out
+    of range, a tensor that depth does not run, or a non-BERT-family model."""
+    found: dict[int, list[str]] = {}
+    for name in weights:
+        if name.startswith("delta_"):
+            m = DELTA_NAME.match(name)
+            if m is None:
+                raise ModelLoadError(f"{folder}: tensor {name!r} is not delta_depth{{k}}.{{name}}")
+            found.setdefault(int(m.group(1)), []).append(m.group(2))
+    if not found:
+        return
+    if not isinstance(model, CrossEncoder):
+        raise ModelLoadError(
+            f"{folder}: per-depth deltas are implemented for BERT-family models, not "
+            f"{model.config.family}"
+        )
+    try:
+        for depth in sorted(found):
+            model.add_depth_delta(depth, sorted(found[depth]))
+    except ValueError as exc:
+        raise ModelLoadError(f"{folder}: {exc}") from exc
 
 
 def load_config(folder: Path) -> ModelConfig:

@@ -386,8 +386,9 @@ def main_extract_depth(argv: Sequence[str]) -> int:
 def main_graft_depth(argv: Sequence[str]) -> int:
     """`rerankd graft-depth`: the inverse of `extract-depth`. A k-layer model (typically
     that cut, distilled further with every weight free) becomes the Matryoshka model's
-    depth k: its difference from the first k layers as that depth's LoRA (truncated SVD),
-    its head as that depth's head; the full depth is unchanged (see `rerankd.train.graft`)."""
+    depth k: its difference from the first k layers as that depth's LoRA (truncated SVD)
+    and deltas, its head as that depth's head; the full depth is unchanged (see
+    `rerankd.train.graft`)."""
     from rerankd.errors import RerankdError
     from rerankd.train.graft import graft_depth
     from rerankd.train.modeling import resolve_backbone
@@ -396,9 +397,10 @@ def main_graft_depth(argv: Sequence[str]) -> int:
         prog="rerankd graft-depth",
         description="Write the Matryoshka cross-encoder MODEL with depth k (k = the "
         "STUDENT's layer count) replaced by STUDENT: depth k's LoRA becomes the rank-R SVD "
-        "of the STUDENT's matrices minus MODEL's, depth k's head the STUDENT's head. The "
-        "full depth scores as before. Prints what the rank kept and what LoRA cannot carry "
-        "(biases, LayerNorms, embeddings).",
+        "of the STUDENT's matrices minus MODEL's, its deltas the STUDENT's other tensors "
+        "minus MODEL's (biases, LayerNorms, embeddings but the word embeddings), depth k's "
+        "head the STUDENT's head. The full depth scores as before. Prints what the rank "
+        "kept, what the deltas carry and what was left out.",
     )
     p.add_argument(
         "--model",
@@ -416,11 +418,20 @@ def main_graft_depth(argv: Sequence[str]) -> int:
         help="LoRA rank (default: MODEL's own; 16 for a MODEL without LoRA). Above MODEL's, "
         "every adapter of MODEL is zero-padded to it (their updates unchanged)",
     )
+    p.add_argument(
+        "--no-deltas",
+        action="store_true",
+        help="carry the matrices' LoRA alone, no per-depth deltas (before session 19)",
+    )
     p.add_argument("--out", type=Path, required=True, help="output folder")
     ns = p.parse_args(argv)
     try:
         out, report = graft_depth(
-            resolve_backbone(ns.model), resolve_backbone(ns.student), ns.out, ns.rank
+            resolve_backbone(ns.model),
+            resolve_backbone(ns.student),
+            ns.out,
+            ns.rank,
+            deltas=not ns.no_deltas,
         )
     except (RerankdError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

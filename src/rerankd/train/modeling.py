@@ -61,15 +61,17 @@ from rerankd.engine.bundled import PREFIX as BUNDLED_PREFIX
 from rerankd.engine.bundled import backbone_dir
 from rerankd.engine.checkpoint import read_weights, write_safetensors
 from rerankd.engine.convert import backbone_to_cross_encoder
-from rerankd.engine.loading import install_lora, lora_meta, mean_pooled_depths
+from rerankd.engine.loading import install_deltas, install_lora, lora_meta, mean_pooled_depths
 from rerankd.engine.model_meta import read_meta
 from rerankd.engine.models.bert import (
+    DELTA_FORMAT,
+    DELTA_NAME,
     DEPTH_HEAD_NAME,
     KEEP,
     MEAN_POOLING,
     CrossEncoder,
     backbone_prefix,
-    fold_lora,
+    fold_compensation,
     lora_layout,
     mask_bias,
 )
@@ -229,9 +231,9 @@ class TrainableReranker(nn.Module):
     ) -> torch.Tensor:
         """Scores at every head depth and at full depth: shape (len(depths) + 1, pairs).
 
-        Row i is depth `self.depths[i]`, the last row depth L. Depths without LoRA share
-        one pass through the encoder; a depth with vertical LoRA runs a pass of its own
-        (its layers compute with its updates, as the engine serves it), so a fully
+        Row i is depth `self.depths[i]`, the last row depth L. Depths without compensation
+        share one pass through the encoder; a depth with vertical LoRA or deltas runs a pass
+        of its own (its layers compute with its updates, as the engine serves it), so a fully
         compensated model costs L(L+1)/2 layer passes instead of L.
         """
         model = self.model
@@ -241,7 +243,7 @@ class TrainableReranker(nn.Module):
         rows: dict[int, torch.Tensor] = {}
         for i, layer in enumerate(bb.encoder.layer, start=1):
             x = layer(x, bias)
-            if i in self.depths and not model.lora_adapters(i):
+            if i in self.depths and not model.compensation(i):
                 rows[i] = self.head(i)(model.pooled(x, i, attention_mask))[:, 0]
         for k in self.depths:
             if k not in rows:
@@ -288,11 +290,11 @@ class TrainableReranker(nn.Module):
                 p.requires_grad_(True)
 
     def freeze_base(self) -> None:
-        """Train only the LoRA updates and the per-depth heads: the full-depth model (which
-        uses neither) stays bit-identical."""
+        """Train only the LoRA updates, the per-depth deltas and heads: the full-depth model
+        (which uses none of them) stays bit-identical."""
         self.model.requires_grad_(False)
         for name, p in self.model.named_parameters():
-            if name.startswith("lora_"):
+            if name.startswith(("lora_", "delta_")):
                 p.requires_grad_(True)
 
     def export_state(self) -> dict[str, torch.Tensor]:
@@ -331,6 +333,7 @@ def load_trainable(folder: Path, depths: Sequence[int] | None = None) -> Trainab
     wanted = have if depths is None else list(depths)
     model = CrossEncoder(cfg)
     install_lora(model, weights, folder)  # the folder's LoRA, if any, is kept and trained
+    install_deltas(model, weights, folder)  # its per-depth deltas too
     model.mean_pooled = mean_pooled_depths(folder, cfg, wanted)
     module = TrainableReranker(model, wanted)
     module.init_heads_from_classifier()  # overwritten below for the heads the folder has
@@ -437,10 +440,18 @@ def matryoshka_description(module: TrainableReranker) -> dict[str, Any]:
             if module.pooling == MEAN_POOLING
             else "classifier_depth{k}(tanh(bert.pooler.dense(h_k[:, 0])))[:, 0]"
         )
-        + ", h_k = hidden state after the first k encoder layers (with depth k's LoRA, if "
-        "any); depth num_layers uses classifier.* on the pooled [CLS]",
+        + ", h_k = hidden state after the first k encoder layers (with depth k's LoRA and "
+        "deltas, if any); depth num_layers uses classifier.* on the pooled [CLS]",
         "lora": lora_description(module.model),
+        "deltas": deltas_description(module.model),
     }
+
+
+def deltas_description(model: CrossEncoder) -> dict[str, Any] | None:
+    """`matryoshka.deltas` of rerankd.json, for a reader: the depths that have per-depth
+    deltas and what the tensors mean (the engine goes by the tensor names)."""
+    depths = model.delta_depths
+    return {"depths": list(depths), "tensors": DELTA_FORMAT} if depths else None
 
 
 def lora_description(model: CrossEncoder) -> dict[str, Any] | None:
@@ -485,7 +496,7 @@ def student_from_teacher(teacher: Path, layers: Sequence[int], dst: Path) -> Pat
     if layers[-1] >= cfg.num_layers or layers[0] < 0:
         raise ValueError(f"teacher has layers 0..{cfg.num_layers - 1}, got {list(layers)}")
     base, _ = split_depth_heads(read_weights(teacher))
-    base = fold_lora(base, None, 1.0, "")  # drops the teacher's LoRA: it fits its own depths
+    base = fold_compensation(base, None, 1.0, "")  # drops the teacher's LoRA and deltas
     new_index = {old: new for new, old in enumerate(layers)}
     out: dict[str, torch.Tensor] = {}
     for name, t in base.items():
@@ -524,17 +535,18 @@ def extract_depth(model: Path, depth: int, dst: Path) -> Path:
         raise ValueError(
             f"{model} has no head for depth {depth} (per-depth heads: {head_depths(heads)})"
         )
-    # LoRA: this depth's updates are folded into the weights and every update is dropped;
+    # LoRA and deltas: this depth's are folded into the weights and every other dropped;
     # so a lower head stays only if neither its depth nor this one was compensated.
     layout = lora_layout(base)
     compensated = {int(kind[len("depth") :]) for kind in layout if kind != KEEP}
-    if layout:
+    compensated |= {int(m.group(1)) for k in base if (m := DELTA_NAME.match(k))}
+    if layout or compensated:
         meta = lora_meta(model)
-        if meta is None:
+        if layout and meta is None:
             raise ModelLoadError(f"{model}: lora_* tensors need rerankd.json's matryoshka.lora")
         kind = f"depth{depth}" if depth in compensated else None
-        scale = float(meta["alpha"]) / int(meta["rank"])
-        base = fold_lora(base, kind, scale, backbone_prefix(cfg))
+        scale = float(meta["alpha"]) / int(meta["rank"]) if meta else 1.0
+        base = fold_compensation(base, kind, scale, backbone_prefix(cfg))
     out: dict[str, torch.Tensor] = {}
     for name, t in base.items():
         m = _LAYER_NAME.match(name)

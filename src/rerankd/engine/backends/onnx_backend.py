@@ -364,10 +364,11 @@ def _export(folder: Path, model: nn.Module | None, depth: int | None, tmp: Path)
         from rerankd.engine.loading import load_cross_encoder
 
         model = load_cross_encoder(folder)
-    if depth is not None and getattr(model, "lora_spec", None) is not None:
-        # The depth's LoRA folded into the weights: a graph has its depth fixed, so the
-        # compensation costs nothing at run time (traced unmerged it adds two MatMuls per
-        # adapted linear) and int8 quantizes the merged MatMuls. The full depth uses none.
+    compensation = getattr(model, "compensation", None)  # JinaBERT has none
+    if compensation is not None and compensation(depth):
+        # The depth's LoRA and deltas folded into the weights: a graph has its depth fixed,
+        # so the compensation costs nothing at run time (traced unmerged it adds two MatMuls
+        # per adapted linear) and int8 quantizes the merged MatMuls. The full depth uses none.
         model = model.merged(depth)  # type: ignore[operator]
     module = _Graph(model, depth)
     probe = _probe_inputs(model.config.vocab_size, model.config.type_vocab_size)

@@ -37,15 +37,15 @@ class TorchBackend(Backend):
         self.dtype = _DTYPES[precision]
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
         self.info = BackendInfo("torch", precision, str(self.device))
-        #: (depth, pruned) -> the model with that configuration's LoRA folded in
+        #: (depth, pruned) -> the model with that configuration's LoRA and deltas folded in
         self._merged: dict[tuple[int | None, bool], CrossEncoder] = {}
         self._merge_lock = threading.Lock()
 
     def serving_model(self, depth: int | None, pruned: bool) -> CrossEncoder:
         """The module that serves a configuration: the model itself, or (if the
-        configuration has LoRA compensation) its merged copy, made once."""
-        adapters = getattr(self.model, "lora_adapters", None)  # JinaBERT has no LoRA
-        if adapters is None or not adapters(depth, pruned):
+        configuration has LoRA or deltas) its merged copy, made once."""
+        compensation = getattr(self.model, "compensation", None)  # JinaBERT has none
+        if compensation is None or not compensation(depth, pruned):
             return self.model
         with self._merge_lock:
             model = self._merged.get((depth, pruned))

@@ -32,6 +32,21 @@ weights in the same safetensors under rerankd names:
 The updates are applied unmerged (`linear(x) + scale * (x A^T) B^T`) so one set of base
 weights serves every depth; `CrossEncoder.merged` folds one depth's updates into a copy
 for export, where each graph has its depth fixed.
+
+Per-depth deltas
+----------------
+LoRA reaches only the linears' weights. A depth may also carry full deltas to any other
+tensor of its encoder (biases, LayerNorms, position and token-type embeddings, a linear
+LoRA does not target), added to that tensor at that depth alone:
+
+    delta_depth{k}.{name}          shape of {name}                  1 <= k < L
+
+where `{name}` is a backbone tensor of the sub-network depth k runs: `bert.embeddings.*`
+or `bert.encoder.layer.{i}.*` with i < k (not the pooler, which the heads share). Why: a
+depth grafted from a separately trained student (`rerankd graft-depth`) moved those
+tensors too, and LoRA alone left a fifth of the student's dev gain behind (session 18).
+They are folded with the depth's LoRA (`fold_compensation`); unmerged (training), the
+depth's forward runs the backbone with them added (`torch.func.functional_call`).
 """
 
 from __future__ import annotations
@@ -88,6 +103,10 @@ DEFAULT_LORA_TARGETS = (
 )
 #: `lora_{kind}.layer{i}.{T}.{A|B}` with kind `depth{k}` (vertical) or `keep` (horizontal).
 LORA_NAME = re.compile(r"^lora_(depth\d+|keep)\.layer(\d+)\.(.+)\.(A|B)$")
+#: `delta_depth{k}.{name}`: depth k's delta to backbone tensor `name` (module docstring).
+DELTA_NAME = re.compile(r"^delta_depth(\d+)\.(.+)$")
+#: how rerankd.json's `matryoshka.deltas` describes the delta tensors to a reader
+DELTA_FORMAT = "delta_depth{k}.{name} [shape of {name}]: added to {name} at depth k alone"
 #: The horizontal adapter's kind; vertical ones are `depth{k}`.
 KEEP = "keep"
 _DEPTH_KIND = re.compile(r"^depth(\d+)$")
@@ -217,26 +236,61 @@ def _kind_order(kind: str) -> tuple[bool, int, str]:
     return (m is None, int(m.group(1)) if m else 0, kind)
 
 
-def fold_lora(
+def fold_compensation(
     weights: Mapping[str, torch.Tensor],
     kind: str | Sequence[str] | None,
     scale: float,
     prefix: str,
 ) -> dict[str, torch.Tensor]:
-    """`weights` without LoRA tensors, the updates of adapter `kind` (or of each of several
-    kinds) folded into the linears (W + scale B A, summed in fp32 and cast back to W's
-    dtype). `prefix` is the backbone's (`bert` or `roberta`); kind None drops all."""
-    out = {k: v for k, v in weights.items() if not k.startswith("lora_")}
+    """`weights` without LoRA or delta tensors, the compensation of adapter `kind` (or of
+    each of several kinds) folded in: its LoRA updates into the linears (W + scale B A)
+    and, for a depth, its deltas into their tensors; summed in fp32 and cast back to the
+    base tensor's dtype. `prefix` is the backbone's (`bert` or `roberta`); kind None drops
+    all."""
+    out = {k: v for k, v in weights.items() if not k.startswith(("lora_", "delta_"))}
     kinds = [kind] if isinstance(kind, str) else list(kind or ())
     layout = lora_layout(weights) if kinds else {}
+
+    def add(name: str, update: torch.Tensor) -> None:
+        w = out[name]
+        out[name] = (w.float() + update).to(w.dtype).contiguous()
+
     for k in kinds:
         for i, targets in layout.get(k, {}).items():
             for t in targets:
                 a, b = (weights[f"lora_{k}.layer{i}.{t}.{x}"].float() for x in "AB")
-                name = f"{prefix}.encoder.layer.{i}.{t}.weight"
-                w = out[name]
-                out[name] = (w.float() + (b @ a) * scale).to(w.dtype).contiguous()
+                add(f"{prefix}.encoder.layer.{i}.{t}.weight", (b @ a) * scale)
+        for name, delta in weights.items():
+            if name.startswith(f"delta_{k}."):
+                add(name.removeprefix(f"delta_{k}."), delta.float())
     return out
+
+
+class DepthDelta(nn.Module):
+    """One depth's deltas (module docstring), each registered under its tensor's own path,
+    so state-dict names read `delta_depth{k}.bert.encoder.layer.0.output.LayerNorm.bias`."""
+
+    def add(self, name: str, like: torch.Tensor) -> None:
+        parent: nn.Module = self
+        *dirs, leaf = name.split(".")
+        for d in dirs:
+            if d not in parent._modules:
+                parent.add_module(d, nn.Module())
+            parent = parent._modules[d]  # type: ignore[assignment]
+        parent.register_parameter(leaf, nn.Parameter(torch.zeros_like(like)))
+
+
+class _BackboneMethod(nn.Module):
+    """`backbone.{method}` as a module's forward, for `torch.func.functional_call`, which
+    calls forward alone."""
+
+    def __init__(self, backbone: nn.Module, method: str) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.method = method
+
+    def forward(self, *args: object) -> object:
+        return getattr(self.backbone, self.method)(*args)
 
 
 class Embeddings(nn.Module):
@@ -608,37 +662,97 @@ class CrossEncoder(nn.Module):
         )
         return adapter
 
+    def add_depth_delta(self, depth: int, names: Iterable[str]) -> DepthDelta:
+        """Install (zeroed) deltas of depth `depth` to the backbone tensors `names` (see the
+        module docstring). ValueError for a depth outside 1..L-1 or a tensor that depth
+        does not run."""
+        num_layers = self.config.num_layers
+        if not 0 < depth < num_layers:
+            raise ValueError(
+                f"deltas for depth {depth} outside 1..{num_layers - 1} "
+                "(the full depth takes no compensation)"
+            )
+        prefix = backbone_prefix(self.config)
+        params = dict(self.backbone.named_parameters())
+        names = list(names)
+        for name in names:
+            inner = name.removeprefix(f"{prefix}.")
+            m = re.match(r"^encoder\.layer\.(\d+)\.", inner)
+            runs = inner.startswith("embeddings.") or (m and int(m.group(1)) < depth)
+            if inner == name or inner not in params or not runs:
+                raise ValueError(
+                    f"delta_depth{depth}.{name}: depth {depth} runs no such tensor (deltas "
+                    f"cover {prefix}.embeddings.* and {prefix}.encoder.layer.{{i}}.* with "
+                    f"i < {depth})"
+                )
+        module = self._modules.get(f"delta_depth{depth}")
+        if module is None:
+            module = DepthDelta()
+            self.add_module(f"delta_depth{depth}", module)
+        assert isinstance(module, DepthDelta)
+        for name in names:
+            module.add(name, params[name.removeprefix(f"{prefix}.")])
+        return module
+
     def lora_adapters(
         self, depth: int | None = None, pruned: bool = False
     ) -> tuple[LoraAdapter, ...]:
-        """The compensation a configuration runs with: depth k's vertical adapter (k < L),
-        and the horizontal one if tokens are pruned (see the module docstring)."""
-        return tuple(self._modules[n] for n in self._adapter_names(depth, pruned))  # type: ignore[misc]
+        """The LoRA a configuration runs with: depth k's vertical adapter (k < L), and the
+        horizontal one if tokens are pruned (see the module docstring)."""
+        names = [f"lora_{k}" for k in self.compensation(depth, pruned)]
+        return tuple(self._modules[n] for n in names if n in self._modules)  # type: ignore[misc]
 
-    def _adapter_names(self, depth: int | None, pruned: bool) -> list[str]:
-        names = [f"lora_depth{depth}"] if depth and depth < self.config.num_layers else []
+    @property
+    def delta_depths(self) -> tuple[int, ...]:
+        """The depths that have per-depth deltas."""
+        found = (re.fullmatch(r"delta_depth(\d+)", n) for n in self._modules)
+        return tuple(sorted(int(m.group(1)) for m in found if m))
+
+    def depth_delta(self, depth: int | None) -> DepthDelta | None:
+        """Depth `depth`'s deltas, if the checkpoint has them (never the full depth's)."""
+        if not depth or depth >= self.config.num_layers:
+            return None
+        return self._modules.get(f"delta_depth{depth}")  # type: ignore[return-value]
+
+    def compensation(self, depth: int | None, pruned: bool = False) -> list[str]:
+        """The kinds (`depth{k}`, `keep`) of the LoRA or deltas a configuration runs with;
+        empty where it runs on the base weights alone."""
+        kinds = [f"depth{depth}"] if depth and depth < self.config.num_layers else []
         if pruned:
-            names.append(f"lora_{KEEP}")
-        return [n for n in names if n in self._modules]
+            kinds.append(KEEP)
+        return [k for k in kinds if f"lora_{k}" in self._modules or f"delta_{k}" in self._modules]
 
     def merged(self, depth: int | None, pruned: bool = False) -> CrossEncoder:
-        """A copy without LoRA modules, the updates of the configuration (`depth`, and token
-        pruning if `pruned`) folded into its weights.
+        """A copy without LoRA or delta modules, the compensation of the configuration
+        (`depth`, and token pruning if `pruned`) folded into its weights.
 
         It scores that configuration exactly as this model does (up to rounding), with one
         matmul per linear and no LoRA parameters: what the ONNX export traces, since a graph
         has its depth fixed anyway, and what the torch backend serves a compensated
         configuration with (rank-16 updates run unmerged cost more than they save).
         """
-        kinds = [n.removeprefix("lora_") for n in self._adapter_names(depth, pruned)]
+        kinds = self.compensation(depth, pruned)
         scale = self.lora_spec.scale if self.lora_spec else 1.0
-        state = fold_lora(self.state_dict(), kinds, scale, backbone_prefix(self.config))
+        state = fold_compensation(self.state_dict(), kinds, scale, backbone_prefix(self.config))
         out = copy.deepcopy(self)
-        for name in [n for n in out._modules if n.startswith("lora_")]:
+        for name in [n for n in out._modules if n.startswith(("lora_", "delta_"))]:
             del out._modules[name]
         out.lora_spec = None
         out.load_state_dict(state)
         return out
+
+    def _run_backbone(self, depth: int | None, method: str, *args: object) -> object:
+        """`backbone.{method}(*args)`, with depth `depth`'s deltas added to its tensors."""
+        delta = self.depth_delta(depth)
+        if delta is None:
+            return getattr(self.backbone, method)(*args)
+        base = dict(self.backbone.named_parameters())
+        prefix = backbone_prefix(self.config) + "."
+        params = {
+            f"backbone.{n.removeprefix(prefix)}": base[n.removeprefix(prefix)] + d
+            for n, d in delta.named_parameters()
+        }
+        return torch.func.functional_call(_BackboneMethod(self.backbone, method), params, args)
 
     @property
     def backbone(self) -> BertBackbone:
@@ -655,8 +769,8 @@ class CrossEncoder(nn.Module):
         """Hidden states after `depth` layers, with that depth's compensation; with
         `cls_only` the last layer's for [CLS] alone (see `forward`)."""
         adapters = self.lora_adapters(depth)
-        return self.backbone(
-            input_ids, attention_mask, token_type_ids, depth, adapters, cls_only=cls_only
+        return self._run_backbone(  # type: ignore[return-value]
+            depth, "forward", input_ids, attention_mask, token_type_ids, depth, adapters, cls_only
         )
 
     def forward(
@@ -691,9 +805,10 @@ class CrossEncoder(nn.Module):
         horizontal LoRA applies when some ratio is below 1."""
         adapters = self.lora_adapters(len(keep), pruned=any(r < 1.0 for r in keep))
         cls_only = len(keep) not in self.mean_pooled
-        hidden, mask = self.backbone.forward_pruned(
-            input_ids, attention_mask, token_type_ids, keep, protected, adapters, cls_only
-        )
+        hidden, mask = self._run_backbone(  # type: ignore[misc]
+            len(keep), "forward_pruned",
+            input_ids, attention_mask, token_type_ids, keep, protected, adapters, cls_only,
+        )  # fmt: skip
         return self.head(hidden, len(keep), mask)
 
     def pooled(
