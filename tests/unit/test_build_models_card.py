@@ -134,3 +134,28 @@ def test_the_fused_column_gives_the_paired_gap_and_its_error(tmp_path: Path) -> 
     line = next(x for x in card.splitlines() if x.startswith("| trec-dl-2019"))
     assert f"({mean:+.3f}, se {se:.3f})" in line
     assert "paired standard error" in card
+
+
+def test_the_graft_lines_say_what_the_deltas_carried_and_what_was_left_out(
+    tmp_path: Path,
+) -> None:
+    teacher = tmp_path / "minilm-l6"
+    teacher.mkdir()
+    grafted = {"rank": 64, "energy_min": 0.96, "energy_mean": 0.99, "deltas": 26}
+    moves = {
+        "deltas_max": {"bert.embeddings.token_type_embeddings.weight": 0.092},
+        "left_out_max": {},
+    }
+    (teacher / "rerankd.json").write_text(json.dumps({"grafted": grafted | moves}))
+    lines = build_models._graft_lines(teacher, "", [])
+    assert "truncated SVD at rank 64" in lines[0]
+    assert lines[1:] == [
+        "  - carried whole as 26 depth-2 deltas: the student's biases, LayerNorms, position "
+        "and token-type embeddings and key projections (largest move: "
+        "`bert.embeddings.token_type_embeddings.weight`, 9% of its norm)"
+    ]
+    old = {"deltas_max": {}, "left_out_max": {"bert.encoder.layer.1.output.LayerNorm.bias": 0.05}}
+    (teacher / "rerankd.json").write_text(json.dumps({"grafted": grafted | old}))
+    assert build_models._graft_lines(teacher, "", [])[1].startswith(
+        "  - left out: what depth 2 shares with the full depth and the graft did not carry"
+    )
