@@ -107,16 +107,25 @@ def test_what_lora_cannot_reach_goes_in_as_deltas(teacher: Path, tmp_path: Path)
     assert not any(k.startswith("delta_") for k in load_file(str(regrafted / "model.safetensors")))
 
 
-def test_a_higher_rank_carries_more_and_leaves_the_other_adapters_as_they_were(
+def test_a_depth_grafted_at_a_rank_of_its_own_leaves_the_other_adapters_as_they_were(
     teacher: Path, tmp_path: Path
 ) -> None:
+    """Rank 4 carries a rank-4 change exactly, as depth 3's own rank: every other adapter
+    keeps its tensors bit for bit, the checkpoint its rank and scale. A lower rank works
+    the same way (it just carries less)."""
     student = _student(teacher, tmp_path / "student", delta_rank=4)
     low, _ = graft_depth(teacher, student, tmp_path / "r2")
     out, report = graft_depth(teacher, student, tmp_path / "r4", rank=4)
     assert report.rank == 4 and min(report.energy.values()) == pytest.approx(1.0, abs=1e-5)
     lora = json.loads((out / "rerankd.json").read_text())["matryoshka"]["lora"]
-    assert (lora["rank"], lora["alpha"]) == (4, 6.0)  # alpha / rank stays 3 / 2
+    assert (lora["rank"], lora["alpha"], lora["ranks"]) == (RANK, 3.0, {"depth3": 4})
+    before_w, after_w = (load_file(str(p / "model.safetensors")) for p in (teacher, out))
+    for name, t in before_w.items():
+        if name.startswith(("lora_depth1.", "lora_keep.")):
+            assert torch.equal(after_w[name], t), name
+    assert after_w["lora_depth3.layer0.output.dense.A"].shape[0] == 4
     before, after, alone = (load_cross_encoder(p) for p in (teacher, out, student))
+    assert after.lora_spec is not None and after.lora_spec.rank_of("depth3") == 4
     batch = _batch()
     protected = batch["attention_mask"].bool() & (batch["token_type_ids"] == 0)
     protected[:, 4:] = False  # [CLS] and a 3-token query
@@ -125,10 +134,17 @@ def test_a_higher_rank_carries_more_and_leaves_the_other_adapters_as_they_were(
         assert not torch.allclose(load_cross_encoder(low)(**batch, depth=3), alone(**batch))
         for depth in (1, 4):
             torch.testing.assert_close(after(**batch, depth=depth), before(**batch, depth=depth))
-        torch.testing.assert_close(  # the horizontal adapters, padded, prune as before
+        torch.testing.assert_close(  # the horizontal adapters prune as before
             after.forward_pruned(**batch, keep=(1.0, 0.5, 0.5, 0.5), protected=protected),
             before.forward_pruned(**batch, keep=(1.0, 0.5, 0.5, 0.5), protected=protected),
         )
+    back, _ = graft_depth(out, student, tmp_path / "back", rank=RANK)  # its own rank again
+    assert "ranks" not in json.loads((back / "rerankd.json").read_text())["matryoshka"]["lora"]
+    one, _ = graft_depth(teacher, student, tmp_path / "r1", rank=1)
+    assert json.loads((one / "rerankd.json").read_text())["matryoshka"]["lora"]["ranks"] == {
+        "depth3": 1
+    }
+    load_cross_encoder(one)
 
 
 def test_a_checkpoint_without_lora_gets_the_asked_rank(tmp_path: Path) -> None:
@@ -157,7 +173,7 @@ def test_a_checkpoint_without_lora_gets_the_asked_rank(tmp_path: Path) -> None:
         ("full", "a graft replaces a depth below"),
         ("wide", "hidden_size 64"),
         ("pooling", "head moves only between the same pooling"),
-        ("rank", "may raise it .* not lower it"),
+        ("rank", r"rank must be in 1\.\.32, got 33"),
     ],
 )
 def test_what_cannot_be_grafted_is_refused_with_the_reason(
@@ -172,7 +188,7 @@ def test_what_cannot_be_grafted_is_refused_with_the_reason(
         student = extract_depth(teacher, 3, tmp_path / "s")
         if make == "pooling":
             (student / "rerankd.json").write_text(json.dumps({"head_pooling": "mean"}))
-        rank = RANK - 1 if make == "rank" else None
+        rank = 33 if make == "rank" else None
     with pytest.raises(ValueError, match=message):
         graft_depth(teacher, student, tmp_path / "g", rank=rank)
     assert not (tmp_path / "g").exists()
@@ -186,5 +202,5 @@ def test_the_cli_prints_the_report_and_refuses_bad_input(
     assert main([*argv, "--out", str(tmp_path / "g")]) == 0
     report = json.loads(capsys.readouterr().out.splitlines()[0])
     assert report["depth"] == 3 and report["energy_min"] == pytest.approx(1.0, abs=1e-4)
-    assert main([*argv, "--rank", "1", "--out", str(tmp_path / "g2")]) == 2
-    assert "has rank 2" in capsys.readouterr().err
+    assert main([*argv, "--rank", "33", "--out", str(tmp_path / "g2")]) == 2
+    assert "rank must be in 1..32" in capsys.readouterr().err

@@ -283,3 +283,44 @@ def test_lora_is_for_bert_family_only(tmp_path: Path) -> None:
     (folder / "rerankd.json").write_text(json.dumps({"matryoshka": {"lora": lora}}))
     with pytest.raises(ModelLoadError, match="BERT-family models, not jina"):
         load_cross_encoder(folder)
+
+
+def test_an_adapter_may_have_a_rank_of_its_own_at_the_models_scale(
+    lora_folder: Path, tmp_path: Path
+) -> None:
+    """`matryoshka.lora.ranks` gives depth 3 rank 4 beside the model's 2: its tensors load
+    at that rank and its updates use the one scale, alpha / rank; a rank for an adapter the
+    weights lack, or an adapter of another scale, is refused."""
+
+    def rank4(w: dict) -> None:
+        for name in [n for n in w if n.startswith("lora_depth3.")]:
+            t = w[name]
+            w[name] = torch.cat([t, torch.ones_like(t)], 0 if name.endswith(".A") else 1)
+
+    folder = _edit(lora_folder, tmp_path / "r4", rank4)
+    meta = json.loads((folder / "rerankd.json").read_text())
+    with pytest.raises(ModelLoadError, match=r"size mismatch for lora_depth3"):
+        load_cross_encoder(folder)  # no rank given for it: the model's
+    meta["matryoshka"]["lora"]["ranks"] = {"depth3": 4}
+    (folder / "rerankd.json").write_text(json.dumps(meta))
+    model = load_cross_encoder(folder)
+    assert model.lora_spec is not None and model.lora_spec.rank_of("depth3") == 4
+    assert model.lora_spec.describe()["ranks"] == {"depth3": 4}
+    weights = load_file(str(folder / "model.safetensors"))
+    batch = _batch(5)
+    by_hand = _reference(lora_folder, ())
+    with torch.no_grad():
+        for name in [n for n in weights if n.startswith("lora_depth3.") and n.endswith(".A")]:
+            layer, target = name[len("lora_depth3.layer") : -2].split(".", 1)
+            a, b = weights[name], weights[name[:-2] + ".B"]
+            by_hand.get_parameter(f"bert.encoder.layer.{layer}.{target}.weight").add_(
+                ALPHA / RANK * b @ a
+            )
+        got, want = model(**batch, depth=3), by_hand(**batch, depth=3)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    meta["matryoshka"]["lora"]["ranks"] = {"depth3": 4, "depth2": 8}
+    (folder / "rerankd.json").write_text(json.dumps(meta))
+    with pytest.raises(ModelLoadError, match=r"ranks given for \['depth2'\]"):
+        load_cross_encoder(folder)
+    with pytest.raises(ValueError, match="one scale for every update"):
+        model.add_lora("depth2", [0], ["output.dense"], 4, ALPHA)

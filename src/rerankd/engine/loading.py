@@ -22,6 +22,7 @@ from rerankd.engine.models.bert import (
     DEPTH_HEAD_NAME,
     MEAN_POOLING,
     CrossEncoder,
+    LoraSpec,
     backbone_prefix,
     lora_layout,
 )
@@ -126,10 +127,16 @@ def install_lora(
         )
     try:
         rank, alpha = int(meta["rank"]), float(meta["alpha"])
+        ranks = {str(k): int(r) for k, r in (meta.get("ranks") or {}).items()}
+        strays = sorted(set(ranks) - set(layout))
+        if strays:
+            raise ValueError(f"ranks given for {strays}, which the weights hold no LoRA for")
+        model.lora_spec = LoraSpec(rank, alpha)  # the model's rank and scale, whatever comes first
         for kind, layers in layout.items():
+            r = ranks.get(kind, rank)
             for i, targets in layers.items():
-                model.add_lora(kind, [i], targets, rank, alpha)
-    except (KeyError, TypeError, ValueError) as exc:
+                model.add_lora(kind, [i], targets, r, alpha * r / rank)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
         raise ModelLoadError(f"{folder}: malformed LoRA compensation: {exc}") from exc
     spec = model.lora_spec
     assert spec is not None

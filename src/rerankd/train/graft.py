@@ -120,16 +120,6 @@ def _kinds(depth: int) -> list[str]:
     return [f"lora_depth{depth}.", f"delta_depth{depth}."]
 
 
-def _padded(name: str, t: torch.Tensor, rank: int) -> torch.Tensor:
-    """A LoRA factor zero-padded to `rank` (A: more rows, B: more columns); B A is unchanged.
-    Other tensors as they are."""
-    if not name.startswith("lora_"):
-        return t
-    if name.endswith(".A"):
-        return torch.cat([t, t.new_zeros(rank - t.shape[0], t.shape[1])], 0)
-    return torch.cat([t, t.new_zeros(t.shape[0], rank - t.shape[1])], 1)
-
-
 def graft_depth(
     model: Path, student: Path, dst: Path, rank: int | None = None, deltas: bool = True
 ) -> tuple[Path, GraftReport]:
@@ -139,9 +129,8 @@ def graft_depth(
     k layers and the embeddings but the word embeddings (none with `deltas` False), depth
     k's head = the student's head. Targets are the checkpoint's
     (`matryoshka.lora`; the default ones for a checkpoint without LoRA). The rank is the
-    checkpoint's unless `rank` is given: a checkpoint has one rank, so a higher one
-    zero-pads its other adapters and scales alpha with it (their updates, and so every
-    other configuration's scores, stay exactly as they were); a lower one is refused."""
+    checkpoint's unless `rank` is given; another one becomes depth k's own
+    (`matryoshka.lora.ranks`), at the checkpoint's scale, and no other adapter changes."""
     tcfg = ModelConfig.from_file(model / "config.json")
     scfg = ModelConfig.from_file(student / "config.json")
     meta = read_meta(model)
@@ -150,22 +139,14 @@ def graft_depth(
     tw, sw = read_weights(model), read_weights(student)
     out = {k: v for k, v in tw.items() if not k.startswith(tuple(_kinds(depth)))}
     if spec is not None:
-        old_rank, targets = int(spec["rank"]), list(spec["targets"])
-        scale = float(spec["alpha"]) / old_rank
-        rank = old_rank if rank is None else rank
-        if rank < old_rank:
-            raise ValueError(
-                f"{model}'s LoRA has rank {old_rank}; a graft may raise it (its other adapters "
-                f"zero-padded), not lower it: leave --rank out or give at least {old_rank}"
-            )
-        if rank > old_rank:
-            out = {k: _padded(k, v, rank) for k, v in out.items()}
+        targets = list(spec["targets"])
+        scale = float(spec["alpha"]) / int(spec["rank"])
+        rank = rank or int(spec["rank"])
     else:
         rank = rank or 16
         scale, targets = 1.0, list(DEFAULT_LORA_TARGETS)
     if not 1 <= rank <= tcfg.hidden_size:
         raise ValueError(f"rank must be in 1..{tcfg.hidden_size}, got {rank}")
-    alpha = scale * rank
     prefix = backbone_prefix(tcfg)
     energy: dict[str, float] = {}
     for i in range(depth):
@@ -208,9 +189,11 @@ def graft_depth(
         if (model / name).exists():
             shutil.copyfile(model / name, dst / name)
     mat = dict(meta["matryoshka"])
-    lora = dict(mat.get("lora") or LoraSpec(rank, alpha, tuple(targets)).describe())
-    lora |= {"rank": rank, "alpha": alpha, "vertical": sorted({*lora.get("vertical", []), depth})}
-    mat["lora"] = lora
+    lora = dict(mat.get("lora") or LoraSpec(rank, scale * rank, tuple(targets)).describe())
+    lora["vertical"] = sorted({*lora.get("vertical", []), depth})
+    ranks = {k: r for k, r in (lora.pop("ranks", None) or {}).items() if k != f"depth{depth}"}
+    ranks |= {f"depth{depth}": rank} if rank != lora["rank"] else {}
+    mat["lora"] = lora | ({"ranks": ranks} if ranks else {})
     mat["depths"] = sorted({*mat.get("depths", []), depth})
     mat["heads"] = {**mat.get("heads", {}), str(depth): head}
     delta_depths = set((mat.get("deltas") or {}).get("depths", [])) - {depth}

@@ -19,7 +19,9 @@ weights in the same safetensors under rerankd names:
 `T` is the path of a linear inside encoder layer i (one of `LORA_TARGETS`, e.g.
 `attention.self.query`, `intermediate.dense`). The linear then computes
 `x (W + (alpha / r) B A)^T + b`; `r` and `alpha` are in `rerankd.json` under
-`matryoshka.lora` (see `rerankd.train.modeling`). Which updates a forward applies:
+`matryoshka.lora` (see `rerankd.train.modeling`), one scale alpha / r for every update; an
+adapter may have a rank of its own (`matryoshka.lora.ranks`, e.g. `{"depth2": 64}`), its A
+and B then that many rows and columns. Which updates a forward applies:
 
 - `forward(depth=k)`, k < L: the depth-k vertical updates, if the checkpoint has them.
   The full depth never uses any LoRA, so a compensated checkpoint scores exactly as its
@@ -114,26 +116,39 @@ _DEPTH_KIND = re.compile(r"^depth(\d+)$")
 
 @dataclasses.dataclass(frozen=True)
 class LoraSpec:
-    """A model's LoRA compensation as `rerankd.json` describes it (`matryoshka.lora`)."""
+    """A model's LoRA compensation as `rerankd.json` describes it (`matryoshka.lora`).
+
+    Every update has the one scale alpha / rank; an adapter may have a rank of its own
+    (`ranks`, by kind: `rerankd graft-depth` writes a depth at a higher rank than the
+    model was trained at without padding the other adapters with zeros).
+    """
 
     rank: int
     alpha: float
     targets: tuple[str, ...] = ()
     vertical: tuple[int, ...] = ()
     horizontal: bool = False
+    ranks: Mapping[str, int] = dataclasses.field(default_factory=dict)
 
     @property
     def scale(self) -> float:
         return self.alpha / self.rank
 
+    def rank_of(self, kind: str) -> int:
+        """The rank of adapter `kind` (`depth{k}` or `keep`)."""
+        return self.ranks.get(kind, self.rank)
+
     def describe(self) -> dict[str, object]:
-        return {
+        out: dict[str, object] = {
             "rank": self.rank,
             "alpha": self.alpha,
             "targets": list(self.targets),
             "vertical": list(self.vertical),
             "horizontal": self.horizontal,
         }
+        if self.ranks:
+            out["ranks"] = dict(sorted(self.ranks.items(), key=lambda kv: _kind_order(kv[0])))
+        return out
 
 
 class LoraPair(nn.Module):
@@ -614,8 +629,10 @@ class CrossEncoder(nn.Module):
         `targets`, all zeros: B = 0 changes no score until trained or loaded.
 
         ValueError for anything outside the format (see the module docstring): a depth
-        outside 1..L-1, a layer the configuration does not run, an unknown target, or a
-        rank/alpha other than the model's (one scale for every update).
+        outside 1..L-1, a layer the configuration does not run, an unknown target, an
+        alpha / rank other than the model's (one scale for every update), or a rank other
+        than the one `kind` already has. A rank other than the model's is recorded as the
+        adapter's own (`LoraSpec.ranks`).
         """
         num_layers = self.config.num_layers
         m = _DEPTH_KIND.match(kind)
@@ -633,10 +650,15 @@ class CrossEncoder(nn.Module):
         if rank < 1 or not alpha > 0:
             raise ValueError(f"LoRA needs rank >= 1 and alpha > 0, got {rank} and {alpha}")
         spec = self.lora_spec or LoraSpec(rank, float(alpha))
-        if (spec.rank, spec.alpha) != (rank, float(alpha)):
+        if not math.isclose(alpha / rank, spec.scale, rel_tol=1e-9):
             raise ValueError(
-                f"LoRA rank/alpha {rank}/{alpha} differ from the model's {spec.rank}/{spec.alpha}"
+                f"LoRA rank/alpha {rank}/{alpha} scale updates by {alpha / rank:g}, the model's "
+                f"{spec.rank}/{spec.alpha} by {spec.scale:g}: one scale for every update"
             )
+        if f"lora_{kind}" in self._modules and spec.rank_of(kind) != rank:
+            raise ValueError(f"lora_{kind} has rank {spec.rank_of(kind)}, got {rank}")
+        ranks = {k: r for k, r in spec.ranks.items() if k != kind}
+        ranks |= {kind: rank} if rank != spec.rank else {}
         unknown = [t for t in targets if t not in LORA_TARGETS]
         if unknown:
             raise ValueError(f"unknown LoRA targets {unknown}; choose from {list(LORA_TARGETS)}")
@@ -659,6 +681,7 @@ class CrossEncoder(nn.Module):
             targets=tuple(t for t in LORA_TARGETS if t in used),
             vertical=tuple(sorted(set(spec.vertical) | ({limit} if m else set()))),
             horizontal=spec.horizontal or kind == KEEP,
+            ranks=ranks,
         )
         return adapter
 
