@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -176,3 +177,14 @@ def write_toy_beir(root: Path, n: int = 16, grade: int = 1) -> Path:
     (root / "qrels" / "train.tsv").write_text("\n".join(qrels) + "\n")
     (root / "qrels" / "test.tsv").write_text("\n".join(qrels[:3]) + "\n")
     return root
+
+
+def edit_weights(src: Path, dst: Path, change: Callable[[dict], None]) -> Path:
+    """A copy of checkpoint folder `src` at `dst` whose weights `change` edited in place."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    weights = load_file(str(dst / "model.safetensors"))
+    change(weights)
+    save_file(weights, str(dst / "model.safetensors"))
+    return dst

@@ -20,7 +20,7 @@ from rerankd.engine.models.bert import CrossEncoder
 from rerankd.engine.models.config import ModelConfig
 from rerankd.errors import ModelLoadError
 from rerankd.train.modeling import deltas_description, extract_depth, load_trainable
-from tests.helpers import write_lora_checkpoint
+from tests.helpers import edit_weights, write_lora_checkpoint
 
 RANK, ALPHA, LAYERS = 2, 3.0, 4
 KEEP = (1.0, 0.6, 0.6)
@@ -162,14 +162,6 @@ def test_deltas_train_and_survive_export(folders: tuple[Path, Path]) -> None:
             torch.testing.assert_close(exported[key], saved[key])
 
 
-def _edit(src: Path, dst: Path, change: Callable[[dict], None]) -> Path:
-    shutil.copytree(src, dst)
-    weights = load_file(str(dst / "model.safetensors"))
-    change(weights)
-    save_file(weights, str(dst / "model.safetensors"))
-    return dst
-
-
 def _layer_below(w: dict) -> None:
     w["delta_depth2.bert.encoder.layer.2.output.dense.bias"] = torch.zeros(32)
 
@@ -208,7 +200,7 @@ def _wrong_shape(w: dict) -> None:
 def test_malformed_deltas_are_refused(
     folders: tuple[Path, Path], tmp_path: Path, change: Callable[[dict], None], message: str
 ) -> None:
-    folder = _edit(folders[1], tmp_path / "bad", change)
+    folder = edit_weights(folders[1], tmp_path / "bad", change)
     with pytest.raises(ModelLoadError, match=message):
         load_cross_encoder(folder)
 

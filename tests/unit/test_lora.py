@@ -20,7 +20,7 @@ from rerankd.engine.models.bert import LORA_TARGETS, CrossEncoder
 from rerankd.engine.models.config import ModelConfig
 from rerankd.errors import ModelLoadError
 from rerankd.train.modeling import extract_depth
-from tests.helpers import write_lora_checkpoint
+from tests.helpers import edit_weights, write_lora_checkpoint
 
 RANK, ALPHA, LAYERS = 2, 3.0, 4
 KEEP = (1.0, 0.6, 0.6, 0.6)
@@ -206,14 +206,6 @@ def test_extracted_depth_folds_its_compensation(lora_folder: Path, tmp_path: Pat
         assert plain_two.head_depths == ()  # depth 1 had LoRA: its head is dropped
 
 
-def _edit(src: Path, dst: Path, change: Callable[[dict], None]) -> Path:
-    shutil.copytree(src, dst)
-    weights = load_file(str(dst / "model.safetensors"))
-    change(weights)
-    save_file(weights, str(dst / "model.safetensors"))
-    return dst
-
-
 def _rank3(w: dict) -> None:
     w["lora_depth1.layer0.attention.self.query.A"] = torch.zeros(3, 32)
 
@@ -255,13 +247,13 @@ def _missing_b(w: dict) -> None:
 def test_malformed_lora_is_refused(
     lora_folder: Path, tmp_path: Path, change: Callable[[dict], None], message: str
 ) -> None:
-    folder = _edit(lora_folder, tmp_path / "bad", change)
+    folder = edit_weights(lora_folder, tmp_path / "bad", change)
     with pytest.raises(ModelLoadError, match=message):
         load_cross_encoder(folder)
 
 
 def test_lora_needs_its_description(lora_folder: Path, tmp_path: Path) -> None:
-    folder = _edit(lora_folder, tmp_path / "nometa", lambda w: None)
+    folder = edit_weights(lora_folder, tmp_path / "nometa", lambda w: None)
     (folder / "rerankd.json").unlink()
     with pytest.raises(ModelLoadError, match=r"need rerankd\.json's matryoshka\.lora"):
         load_cross_encoder(folder)
@@ -297,7 +289,7 @@ def test_an_adapter_may_have_a_rank_of_its_own_at_the_models_scale(
             t = w[name]
             w[name] = torch.cat([t, torch.ones_like(t)], 0 if name.endswith(".A") else 1)
 
-    folder = _edit(lora_folder, tmp_path / "r4", rank4)
+    folder = edit_weights(lora_folder, tmp_path / "r4", rank4)
     meta = json.loads((folder / "rerankd.json").read_text())
     with pytest.raises(ModelLoadError, match=r"size mismatch for lora_depth3"):
         load_cross_encoder(folder)  # no rank given for it: the model's

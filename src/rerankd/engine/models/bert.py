@@ -58,6 +58,7 @@ import dataclasses
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -293,6 +294,9 @@ class DepthDelta(nn.Module):
                 parent.add_module(d, nn.Module())
             parent = parent._modules[d]  # type: ignore[assignment]
         parent.register_parameter(leaf, nn.Parameter(torch.zeros_like(like)))
+
+
+_M = TypeVar("_M", bound=nn.Module)
 
 
 class _BackboneMethod(nn.Module):
@@ -662,11 +666,7 @@ class CrossEncoder(nn.Module):
         unknown = [t for t in targets if t not in LORA_TARGETS]
         if unknown:
             raise ValueError(f"unknown LoRA targets {unknown}; choose from {list(LORA_TARGETS)}")
-        adapter = self._modules.get(f"lora_{kind}")
-        if adapter is None:
-            adapter = LoraAdapter()
-            self.add_module(f"lora_{kind}", adapter)
-        assert isinstance(adapter, LoraAdapter)
+        adapter = self._child(f"lora_{kind}", LoraAdapter)
         for i in layers:
             if not 0 <= i < limit:
                 raise ValueError(f"lora_{kind} covers layers 0..{limit - 1}, got layer {i}")
@@ -684,6 +684,14 @@ class CrossEncoder(nn.Module):
             ranks=ranks,
         )
         return adapter
+
+    def _child(self, name: str, kind: type[_M]) -> _M:
+        """The child module `name`, a new `kind()` on first use."""
+        if name not in self._modules:
+            self.add_module(name, kind())
+        child = self._modules[name]
+        assert isinstance(child, kind)
+        return child
 
     def add_depth_delta(self, depth: int, names: Iterable[str]) -> DepthDelta:
         """Install (zeroed) deltas of depth `depth` to the backbone tensors `names` (see the
@@ -708,11 +716,7 @@ class CrossEncoder(nn.Module):
                     f"cover {prefix}.embeddings.* and {prefix}.encoder.layer.{{i}}.* with "
                     f"i < {depth})"
                 )
-        module = self._modules.get(f"delta_depth{depth}")
-        if module is None:
-            module = DepthDelta()
-            self.add_module(f"delta_depth{depth}", module)
-        assert isinstance(module, DepthDelta)
+        module = self._child(f"delta_depth{depth}", DepthDelta)
         for name in names:
             module.add(name, params[name.removeprefix(f"{prefix}.")])
         return module
