@@ -138,7 +138,11 @@ def test_a_depth_grafted_at_a_rank_of_its_own_leaves_the_other_adapters_as_they_
             after.forward_pruned(**batch, keep=(1.0, 0.5, 0.5, 0.5), protected=protected),
             before.forward_pruned(**batch, keep=(1.0, 0.5, 0.5, 0.5), protected=protected),
         )
-    back, _ = graft_depth(out, student, tmp_path / "back", rank=RANK)  # its own rank again
+    again, _ = graft_depth(out, student, tmp_path / "again")  # depth 3 keeps its rank
+    assert json.loads((again / "rerankd.json").read_text())["matryoshka"]["lora"]["ranks"] == {
+        "depth3": 4
+    }
+    back, _ = graft_depth(out, student, tmp_path / "back", rank=RANK)  # the model's rank again
     assert "ranks" not in json.loads((back / "rerankd.json").read_text())["matryoshka"]["lora"]
     one, _ = graft_depth(teacher, student, tmp_path / "r1", rank=1)
     assert json.loads((one / "rerankd.json").read_text())["matryoshka"]["lora"]["ranks"] == {

@@ -415,8 +415,8 @@ def main_graft_depth(argv: Sequence[str]) -> int:
     p.add_argument(
         "--rank",
         type=_positive_int,
-        help="depth k's LoRA rank (default: MODEL's own; 16 for a MODEL without LoRA); "
-        "MODEL's other adapters keep theirs",
+        help="depth k's LoRA rank (default: the rank depth k has in MODEL, else MODEL's; 16 "
+        "for a MODEL without LoRA); MODEL's other adapters keep theirs",
     )
     p.add_argument(
         "--no-deltas",

@@ -128,9 +128,10 @@ def graft_depth(
     layers 0..k-1, depth k's deltas = (student - model) on every other tensor of the first
     k layers and the embeddings but the word embeddings (none with `deltas` False), depth
     k's head = the student's head. Targets are the checkpoint's
-    (`matryoshka.lora`; the default ones for a checkpoint without LoRA). The rank is the
-    checkpoint's unless `rank` is given; another one becomes depth k's own
-    (`matryoshka.lora.ranks`), at the checkpoint's scale, and no other adapter changes."""
+    (`matryoshka.lora`; the default ones for a checkpoint without LoRA). The rank is depth
+    k's current one (its own, else the checkpoint's) unless `rank` is given; one other than
+    the checkpoint's is depth k's own (`matryoshka.lora.ranks`), at the checkpoint's scale,
+    and no other adapter changes."""
     tcfg = ModelConfig.from_file(model / "config.json")
     scfg = ModelConfig.from_file(student / "config.json")
     meta = read_meta(model)
@@ -141,7 +142,7 @@ def graft_depth(
     if spec is not None:
         targets = list(spec["targets"])
         scale = float(spec["alpha"]) / int(spec["rank"])
-        rank = rank or int(spec["rank"])
+        rank = rank or int((spec.get("ranks") or {}).get(f"depth{depth}", spec["rank"]))
     else:
         rank = rank or 16
         scale, targets = 1.0, list(DEFAULT_LORA_TARGETS)
