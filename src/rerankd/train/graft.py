@@ -115,9 +115,9 @@ def _check(
     return depth
 
 
-def _kinds(depth: int) -> list[str]:
+def _kinds(depth: int) -> tuple[str, ...]:
     """Name prefixes of depth `depth`'s compensation, which a graft replaces."""
-    return [f"lora_depth{depth}.", f"delta_depth{depth}."]
+    return (f"lora_depth{depth}.", f"delta_depth{depth}.")
 
 
 def graft_depth(
@@ -138,7 +138,7 @@ def graft_depth(
     depth = _check(model, student, tcfg, scfg, meta)
     spec = lora_meta(model)
     tw, sw = read_weights(model), read_weights(student)
-    out = {k: v for k, v in tw.items() if not k.startswith(tuple(_kinds(depth)))}
+    out = {k: v for k, v in tw.items() if not k.startswith(_kinds(depth))}
     if spec is not None:
         targets = list(spec["targets"])
         scale = float(spec["alpha"]) / int(spec["rank"])
