@@ -316,3 +316,21 @@ def test_an_adapter_may_have_a_rank_of_its_own_at_the_models_scale(
         load_cross_encoder(folder)
     with pytest.raises(ValueError, match="one scale for every update"):
         model.add_lora("depth2", [0], ["output.dense"], 4, ALPHA)
+
+
+def test_a_merged_copy_shares_every_tensor_it_does_not_change(lora_folder: Path) -> None:
+    """Depth 1's copy owns only layer 0's folded linears; the embeddings, the other layers
+    and the heads are the model's own tensors. The model still scores as before."""
+    model = load_cross_encoder(lora_folder)
+    batch = _batch(6)
+    with torch.no_grad():
+        before = model(**batch, depth=1)
+        copy = model.merged(1)
+        assert torch.equal(model(**batch, depth=1), before)
+    mine = dict(model.named_parameters())
+    own = sorted(n for n, p in copy.named_parameters() if p.data_ptr() != mine[n].data_ptr())
+    assert own == sorted(f"bert.encoder.layer.0.{t}.weight" for t in LORA_TARGETS)
+    pruned = model.merged(None, pruned=True)  # horizontal LoRA: every layer's linears
+    own = {n for n, p in pruned.named_parameters() if p.data_ptr() != mine[n].data_ptr()}
+    assert len(own) == LAYERS * len(LORA_TARGETS)
+    assert "bert.embeddings.word_embeddings.weight" not in own
