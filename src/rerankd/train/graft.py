@@ -36,6 +36,7 @@ from rerankd.engine.models.bert import (
     DELTA_FORMAT,
     LoraSpec,
     backbone_prefix,
+    runs_at_depth,
 )
 from rerankd.engine.models.config import ModelConfig
 from rerankd.train.modeling import (
@@ -167,11 +168,7 @@ def graft_depth(
     moved: dict[str, float] = {}
     left_out: dict[str, float] = {}
     for name, s_t in sw.items():
-        layer = name.removeprefix(f"{prefix}.encoder.layer.").split(".", 1)[0]
-        in_stack = name.startswith(f"{prefix}.embeddings.") or (
-            layer.isdigit() and int(layer) < depth
-        )
-        if not in_stack or name in carried or name not in tw:
+        if not runs_at_depth(name, prefix, depth) or name in carried or name not in tw:
             continue
         ref = tw[name].float()
         delta = s_t.float() - ref

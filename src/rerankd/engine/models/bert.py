@@ -178,14 +178,28 @@ class LayerLora(nn.Module):
         self.pairs: dict[str, LoraPair] = {}
 
     def add(self, path: str, pair: LoraPair) -> None:
-        parent: nn.Module = self
-        *dirs, leaf = path.split(".")
-        for name in dirs:
-            if name not in parent._modules:
-                parent.add_module(name, nn.Module())
-            parent = parent._modules[name]  # type: ignore[assignment]
+        parent, leaf = _parent_at(self, path)
         parent.add_module(leaf, pair)
         self.pairs[path] = pair
+
+
+def _parent_at(root: nn.Module, path: str) -> tuple[nn.Module, str]:
+    """The module that holds dotted `path` under `root` (plain modules made where missing),
+    and the path's last name: so a state-dict name under `root` reads as `path`."""
+    parent = root
+    *dirs, leaf = path.split(".")
+    for name in dirs:
+        if name not in parent._modules:
+            parent.add_module(name, nn.Module())
+        parent = parent._modules[name]  # type: ignore[assignment]
+    return parent, leaf
+
+
+def runs_at_depth(name: str, prefix: str, depth: int) -> bool:
+    """Whether depth `depth` runs backbone tensor `name` (`{prefix}.embeddings.*`, or
+    `{prefix}.encoder.layer.{i}.*` with i < depth): what a depth's deltas may cover."""
+    m = re.match(rf"^{prefix}\.encoder\.layer\.(\d+)\.", name)
+    return name.startswith(f"{prefix}.embeddings.") or (m is not None and int(m.group(1)) < depth)
 
 
 Loras = Sequence[LayerLora]
@@ -287,12 +301,7 @@ class DepthDelta(nn.Module):
     so state-dict names read `delta_depth{k}.bert.encoder.layer.0.output.LayerNorm.bias`."""
 
     def add(self, name: str, like: torch.Tensor) -> None:
-        parent: nn.Module = self
-        *dirs, leaf = name.split(".")
-        for d in dirs:
-            if d not in parent._modules:
-                parent.add_module(d, nn.Module())
-            parent = parent._modules[d]  # type: ignore[assignment]
+        parent, leaf = _parent_at(self, name)
         parent.register_parameter(leaf, nn.Parameter(torch.zeros_like(like)))
 
 
@@ -708,9 +717,7 @@ class CrossEncoder(nn.Module):
         names = list(names)
         for name in names:
             inner = name.removeprefix(f"{prefix}.")
-            m = re.match(r"^encoder\.layer\.(\d+)\.", inner)
-            runs = inner.startswith("embeddings.") or (m and int(m.group(1)) < depth)
-            if inner == name or inner not in params or not runs:
+            if inner not in params or not runs_at_depth(name, prefix, depth):
                 raise ValueError(
                     f"delta_depth{depth}.{name}: depth {depth} runs no such tensor (deltas "
                     f"cover {prefix}.embeddings.* and {prefix}.encoder.layer.{{i}}.* with "
