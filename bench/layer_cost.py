@@ -11,10 +11,11 @@ full teacher the ratio of encoder multiply-adds, counted from each model's confi
 
 - a layer over n tokens of width d with FFN width i: n(4d^2 + 2di) projections and FFN,
   plus 2n^2 d for attention;
-- a head that reads [CLS] lets the last layer compute K and V for every token and the rest
-  for [CLS] alone (`CrossEncoder.forward`): 2nd^2 + 2d^2 + 2di + 2nd. A head that reads the
-  token mean (both small configurations: their [CLS] heads could not learn, see
-  `rerankd.engine.models.bert.MEAN_POOLING`) needs every token of its last layer.
+- a last layer that computes r rows (the first r positions) still computes K and V for
+  every token, the rest for those rows alone (`CrossEncoder.forward`): 2nd^2 +
+  r(2d^2 + 2di) + 2rnd. A head that reads [CLS] has r = 1; one on the query segment's mean
+  (`rerankd.engine.models.bert.QUERY_POOLING`) the batch's longest query segment; one on
+  every token's mean (`MEAN_POOLING`: their [CLS] heads could not learn) r = n.
 
 Embeddings, heads and per-batch overheads are left out of the count, so the multiply-add
 ratio is a ceiling: a measured ratio near it means the configuration has no waste left to
@@ -42,14 +43,32 @@ CONFIGS = [
 ]
 
 
-def multiply_adds(widths: list[int], layers: int, d: int, i: int, cls_last: bool) -> int:
-    """Encoder multiply-adds for batches of padded widths (one entry per pair)."""
+#: what the last layer computes, by head pooling (`rerankd.engine.models.bert.POOLINGS`)
+LAST_LAYER = {
+    "cls": "[CLS] (K, V: every token)",
+    "query": "query segment (K, V: every token)",
+    "mean": "every token (mean head)",
+}
+
+
+def multiply_adds(shapes: list[tuple[int, int]], layers: int, d: int, i: int) -> int:
+    """Encoder multiply-adds for pairs of (padded width n, rows r its last layer computes)."""
     total = 0
-    for n in widths:
+    for n, r in shapes:
         full_layer = n * (4 * d * d + 2 * d * i) + 2 * n * n * d
-        last = (2 * n * d * d + 2 * d * d + 2 * d * i + 2 * n * d) if cls_last else full_layer
+        last = 2 * n * d * d + r * (2 * d * d + 2 * d * i) + 2 * r * n * d
         total += (layers - 1) * full_layer + last
     return total
+
+
+def last_rows(batch: dict, pooling: str) -> int:
+    """How many positions the last layer computes for this batch under `pooling`."""
+    if pooling == "cls":
+        return 1
+    if pooling == "query":
+        segment = (batch["attention_mask"] != 0) & (batch["token_type_ids"] == 0)
+        return int(segment.sum(axis=1).max())
+    return int(batch["input_ids"].shape[1])
 
 
 def main() -> int:
@@ -74,7 +93,7 @@ def main() -> int:
     requests = load_requests(ns.queries)
     rerankers = {m: load_reranker(m, backend="onnx", precision="int8", threads=1, workers=1)
                  for m in dict.fromkeys(m for _, m, _, _ in CONFIGS)}  # fmt: skip
-    packed = {}  # model -> (its batches, each pair's padded width, its mean-pooled depths)
+    packed = {}  # model -> (its batches, each pair's padded width, its model)
     for m, r in rerankers.items():
         batches, widths = [], []
         sc = r.scheduler.config
@@ -85,17 +104,19 @@ def main() -> int:
                 batch = collate([pairs[k] for k in group], r.config.pad_token_id)
                 batches.append(batch)
                 widths += [batch["input_ids"].shape[1]] * len(group)
-        mean_pooled = getattr(load_cross_encoder(r.folder), "mean_pooled", frozenset())
-        packed[m] = (batches, widths, mean_pooled)
+        packed[m] = (batches, widths, load_cross_encoder(r.folder))
     work = {}  # label -> (batches, multiply-adds)
     last_layer = {}  # label -> what its last layer computes
     for label, m, depth, _ in CONFIGS:
-        batches, widths, mean_pooled = packed[m]
+        batches, widths, model = packed[m]
         c = rerankers[m].config
-        layers = depth or c.num_layers
-        mean_head = layers in mean_pooled
-        macs = multiply_adds(widths, layers, c.hidden_size, c.intermediate_size, not mean_head)
-        last_layer[label] = "every token (mean head)" if mean_head else "[CLS] (K, V: every token)"
+        pooling = model.pooling(depth)
+        rows = [last_rows(b, pooling) for b in batches for _ in range(len(b["input_ids"]))]
+        macs = multiply_adds(
+            list(zip(widths, rows, strict=True)), depth or c.num_layers, c.hidden_size,
+            c.intermediate_size,
+        )  # fmt: skip
+        last_layer[label] = LAST_LAYER[pooling]
         rerankers[m].backend.score(batches[0], depth)  # build / warm the graph
         work[label] = (batches, macs)
     seconds: dict[str, list[float]] = {label: [] for label, *_ in CONFIGS}

@@ -2,7 +2,9 @@
 
 Reference: the head applied to the backbone's full hidden states (every token through every
 layer), on tiny random BERT and RoBERTa models, with padding, at full and partial depth,
-with a depth's LoRA compensation; and a mean-pooled depth, which must keep every token.
+with a depth's LoRA compensation; a mean-pooled depth, which must keep every token; and a
+query-pooled depth, which computes the batch's longest query segment and averages each
+row's own.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ def _batch(segments: bool = True) -> dict[str, torch.Tensor]:
 
 
 def _reference(model: CrossEncoder, batch: dict[str, torch.Tensor], depth: int | None):
-    hidden = model.encode(**batch, depth=depth, cls_only=False)
+    hidden = model.encode(**batch, depth=depth)
     return model.head(hidden, depth, batch["attention_mask"])
 
 
@@ -88,6 +90,44 @@ def test_mean_pooled_depths_run_every_token(tmp_path: Path) -> None:
         assert _last_layer_rows(model, batch, None)[1] == [1]
 
 
+def _segment_mean_reference(
+    model: CrossEncoder, hidden: torch.Tensor, mask: torch.Tensor, segment: torch.Tensor, depth
+):
+    """The head on the mean of each row's first `segment[b]` kept states (every token run)."""
+    first = torch.arange(hidden.shape[1])[None, :] < segment[:, None]
+    return model.head(hidden, depth, mask & first)
+
+
+def test_query_pooled_depths_run_the_query_segment_alone(tmp_path: Path) -> None:
+    folder = write_tiny_checkpoint(tmp_path / "m", layers=3)
+    model = load_cross_encoder(folder).eval()
+    model.set_pooling([2], "query")
+    batch = _batch()
+    segment = (batch["attention_mask"].bool() & (batch["token_type_ids"] == 0)).sum(dim=1)
+    assert segment.tolist() == [8, 8, 8, 5]
+    with torch.inference_mode():
+        logits, rows = _last_layer_rows(model, batch, 2)
+        assert rows == [8]  # the longest query segment, not the 17 positions
+        hidden = model.encode(**batch, depth=2)
+        mask = batch["attention_mask"].bool()
+        reference = _segment_mean_reference(model, hidden, mask, segment, 2)
+        torch.testing.assert_close(logits, reference, rtol=1e-5, atol=1e-6)
+        # not the mean over every token, which the head read before
+        assert not torch.allclose(logits, _reference(model, batch, 2), atol=1e-4)
+        assert _last_layer_rows(model, batch, None)[1] == [1]
+        # a batch of short query segments computes fewer rows
+        short = {k: v[3:] for k, v in batch.items()}
+        assert _last_layer_rows(model, short, 2)[1] == [5]
+
+
+def test_query_pooling_needs_a_bert_head(tmp_path: Path) -> None:
+    model = load_cross_encoder(write_tiny_checkpoint(tmp_path / "r", model_type="roberta"))
+    with pytest.raises(ValueError, match="BERT"):
+        model.set_pooling([2], "query")
+    with pytest.raises(ValueError, match="pooling must be one of"):
+        load_cross_encoder(write_tiny_checkpoint(tmp_path / "b")).set_pooling([1], "max")
+
+
 def test_gradients_match_the_full_computation(tmp_path: Path) -> None:
     """Training calls the same forward: the skipped rows never reached the loss."""
     folder = write_tiny_checkpoint(tmp_path / "m", layers=2)
@@ -123,16 +163,22 @@ def test_jinabert_runs_its_last_layer_for_cls_only(tmp_path: Path) -> None:
     with torch.inference_mode():
         logits = model(**batch)
         hook.remove()
-        hidden = model.bert(**batch, cls_only=False)
+        hidden = model.bert(**batch)
         reference = model.classifier(model.bert.pooler(hidden))[:, 0]
     assert seen == [1]
     torch.testing.assert_close(logits, reference, rtol=1e-5, atol=1e-6)
 
 
-def test_pruned_forward_runs_its_last_layer_for_cls_only(tmp_path: Path) -> None:
-    """Token pruning still picks the last layer's keys and values; its queries are [CLS]."""
+@pytest.mark.parametrize(("pooling", "rows"), [("cls", 1), ("query", 8)])
+def test_pruned_forward_runs_its_last_layer_for_the_heads_rows(
+    tmp_path: Path, pooling: str, rows: int
+) -> None:
+    """Token pruning still picks the last layer's keys and values; its queries are [CLS],
+    or the query segment, which pruning protects and keeps in order, so it stays each
+    row's prefix and the head averages it."""
     folder = write_tiny_checkpoint(tmp_path / "m", layers=3)
     model = load_cross_encoder(folder).eval()
+    model.set_pooling([3], pooling)
     batch = _batch()
     protected = batch["attention_mask"].bool() & (batch["token_type_ids"] == 0)
     keep = (1.0, 0.5, 0.5)
@@ -142,9 +188,10 @@ def test_pruned_forward_runs_its_last_layer_for_cls_only(tmp_path: Path) -> None
     with torch.inference_mode():
         logits = model.forward_pruned(**batch, keep=keep, protected=protected)
         hook.remove()
-        hidden, mask = model.backbone.forward_pruned(
-            **batch, keep=keep, protected=protected, cls_only=False
-        )
-        reference = model.head(hidden, len(keep), mask)
-    assert seen == [1]
+        hidden, mask = model.backbone.forward_pruned(**batch, keep=keep, protected=protected)
+        if pooling == "query":
+            reference = _segment_mean_reference(model, hidden, mask, protected.sum(dim=1), 3)
+        else:
+            reference = model.head(hidden, len(keep), mask)
+    assert seen == [rows]
     torch.testing.assert_close(logits, reference, rtol=1e-5, atol=1e-6)

@@ -29,7 +29,7 @@ def _matryoshka(folder: Path, pooling: str = "cls") -> Path:
     return folder
 
 
-@pytest.mark.parametrize("pooling", ["cls", "mean"])
+@pytest.mark.parametrize("pooling", ["cls", "mean", "query"])
 def test_extracted_depth_scores_like_the_checkpoint_at_that_depth(
     tmp_path: Path, pooling: str
 ) -> None:
@@ -41,6 +41,7 @@ def test_extracted_depth_scores_like_the_checkpoint_at_that_depth(
     mask = torch.ones_like(ids)
     mask[1, 9:] = 0
     types = torch.zeros_like(ids)
+    types[:, 6:] = mask[:, 6:]  # a query segment of 6 tokens
     with torch.no_grad():
         want = full(ids, mask, types, depth=2)
         got = small(ids, mask, types)
@@ -48,7 +49,7 @@ def test_extracted_depth_scores_like_the_checkpoint_at_that_depth(
         got1 = small(ids, mask, types, depth=1)
     assert torch.allclose(want, got, atol=1e-6)
     assert torch.allclose(want1, got1, atol=1e-6)  # the lower depth head is kept
-    assert small.mean_pooled == (frozenset({1, 2}) if pooling == "mean" else frozenset())
+    assert small.pooling(1) == small.pooling(2) == pooling
     meta = json.loads((dst / "rerankd.json").read_text())
     assert (meta["max_length"], meta["long_docs"]) == (48, "truncate")
     if pooling == "mean":  # padding is not averaged in: a padded row scores as its unpadded self

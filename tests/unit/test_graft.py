@@ -151,13 +151,19 @@ def test_a_depth_grafted_at_a_rank_of_its_own_leaves_the_other_adapters_as_they_
     load_cross_encoder(one)
 
 
-def test_a_checkpoint_without_lora_gets_the_asked_rank(tmp_path: Path) -> None:
-    teacher = write_tiny_checkpoint(tmp_path / "t", layers=3)
+def _with_a_depth_2_head(folder: Path, layers: int, pooling: str) -> Path:
+    """A model without LoRA whose only depth head is depth 2's, reading `pooling`."""
+    teacher = write_tiny_checkpoint(folder, layers=layers)
     weights = load_file(str(teacher / "model.safetensors"))
     weights["classifier_depth2.weight"] = torch.randn(1, 32)
     weights["classifier_depth2.bias"] = torch.randn(1)
     save_file(weights, str(teacher / "model.safetensors"))
-    (teacher / "rerankd.json").write_text(json.dumps({"matryoshka": {"pooling": "cls"}}))
+    (teacher / "rerankd.json").write_text(json.dumps({"matryoshka": {"pooling": pooling}}))
+    return teacher
+
+
+def test_a_checkpoint_without_lora_gets_the_asked_rank(tmp_path: Path) -> None:
+    teacher = _with_a_depth_2_head(tmp_path / "t", layers=3, pooling="cls")
     student = extract_depth(teacher, 2, tmp_path / "s")
     out, report = graft_depth(teacher, student, tmp_path / "g", rank=4)
     assert report.rank == 4 and min(report.energy.values()) == 1.0  # nothing to carry
@@ -171,12 +177,33 @@ def test_a_checkpoint_without_lora_gets_the_asked_rank(tmp_path: Path) -> None:
         )
 
 
+def test_a_student_on_another_pooling_brings_it_where_its_head_is_the_only_one(
+    tmp_path: Path,
+) -> None:
+    """The depth heads share one pooling: a query-pooled student grafted into a model whose
+    only depth head is the one it replaces makes that pooling the model's."""
+    teacher = _with_a_depth_2_head(tmp_path / "t", layers=4, pooling="mean")
+    student = extract_depth(teacher, 2, tmp_path / "s")
+    meta = json.loads((student / "rerankd.json").read_text())
+    (student / "rerankd.json").write_text(json.dumps(meta | {"head_pooling": "query"}))
+    out, _ = graft_depth(teacher, student, tmp_path / "g", rank=4)
+    assert json.loads((out / "rerankd.json").read_text())["matryoshka"]["pooling"] == "query"
+    batch = _batch()
+    batch["token_type_ids"][:, 6:] = batch["attention_mask"][:, 6:]
+    grafted, alone, before = (load_cross_encoder(p) for p in (out, student, teacher))
+    assert grafted.pooling(2) == "query" and grafted.pooling(None) == "cls"
+    with torch.no_grad():
+        torch.testing.assert_close(grafted(**batch, depth=2), alone(**batch), atol=1e-4, rtol=0)
+        assert not torch.allclose(grafted(**batch, depth=2), before(**batch, depth=2), atol=1e-3)
+        torch.testing.assert_close(grafted(**batch), before(**batch))
+
+
 @pytest.mark.parametrize(
     ("make", "message"),
     [
         ("full", "a graft replaces a depth below"),
         ("wide", "hidden_size 64"),
-        ("pooling", "head moves only between the same pooling"),
+        ("pooling", r"the depth heads share one pooling, and .* keeps heads for depths \[1, 2\]"),
         ("rank", r"rank must be in 1\.\.32, got 33"),
     ],
 )

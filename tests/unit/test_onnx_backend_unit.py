@@ -265,3 +265,19 @@ def test_int8_sessions_keep_residual_add_and_layer_norm_apart(
     assert "SkipLayerNormalization" in ops["ort-default.onnx"]
     assert "SkipLayerNormalization" not in ops["ours.onnx"]
     assert {"LayerNormalization", "MatMulIntegerToFloat"} <= ops["ours.onnx"]
+
+
+def test_query_pooled_head_exports_its_rows_dynamic(tmp_path: Path) -> None:
+    """A head on the query segment's mean (`head_pooling: query`): the last layer's rows
+    follow each batch's longest query segment in the exported graph, not the export's."""
+    folder = write_tiny_checkpoint(tmp_path / "query", layers=2)
+    (folder / "rerankd.json").write_text('{"head_pooling": "query"}')
+    backend = OnnxBackend(folder, precision="fp32", cache_dir=tmp_path / "cache")
+    # a constant baked in at export would be wrong for the longer or the shorter segments
+    for seed, (batch, seq, split) in enumerate([(4, 21, 10), (3, 30, 3), (2, 40, 38), (5, 12, 9)]):
+        data = random_batch(seed, batch, seq)
+        data["token_type_ids"] = np.zeros_like(data["input_ids"])
+        data["token_type_ids"][:, split:] = data["attention_mask"][:, split:]
+        np.testing.assert_allclose(
+            backend.score(data), torch_logits(folder, data), rtol=1e-4, atol=1e-5
+        )

@@ -709,23 +709,28 @@ def test_student_can_start_from_an_extracted_depth(
         main([*argv, "--dataset", str(beir), "--out", str(tmp_path / "x")])
 
 
-def test_student_pooling_switches_the_head_to_cls(tmp_path: Path, beir: Path, model4: Path) -> None:
-    """`--student-pooling cls` on a token-mean init: the head (its weights carried over)
-    reads [CLS]; the folder says so, the engine serves it that way, and resuming keeps it."""
+@pytest.mark.parametrize("pooling", ["cls", "query"])
+def test_student_pooling_switches_the_head(
+    tmp_path: Path, beir: Path, model4: Path, pooling: str
+) -> None:
+    """`--student-pooling cls|query` on a token-mean init: the head (its weights carried
+    over) reads [CLS] or the query segment's mean; the folder says so, the engine serves it
+    that way, and resuming keeps it."""
     from rerankd.cli import main
 
     mat = tmp_path / "mat"
     train(_cfg(beir, model4, mat, mode="matryoshka", epochs=1, max_steps=1, matryoshka_depths=(2,)))
     init = tmp_path / "d2"
     assert main(["extract-depth", "--model", str(mat), "--depth", "2", "--out", str(init)]) == 0
-    assert 2 in load_cross_encoder(init).mean_pooled
+    assert load_cross_encoder(init).pooling(None) == "mean"
     kw = {"mode": "student", "teacher": str(mat), "ce_weight": 0.0, "student_init": str(init)}
     out = tmp_path / "st"
-    train(_cfg(beir, mat, out, epochs=1, max_steps=1, student_pooling="cls", **kw))
-    assert "head_pooling" not in json.loads((out / "rerankd.json").read_text())
-    assert read_log(out)[0]["model"]["head_pooling"] == "cls"
+    train(_cfg(beir, mat, out, epochs=1, max_steps=1, student_pooling=pooling, **kw))
+    meta = json.loads((out / "rerankd.json").read_text())
+    assert meta.get("head_pooling", "cls") == pooling
+    assert read_log(out)[0]["model"]["head_pooling"] == pooling
     served = load_cross_encoder(out)
-    assert not served.mean_pooled
+    assert served.pooling(None) == pooling
     module = load_trainable(out).eval()
     ids = torch.tensor([[101, 2054, 2515, 102, 4937, 2003, 102]])
     x = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
@@ -735,11 +740,11 @@ def test_student_pooling_switches_the_head_to_cls(tmp_path: Path, beir: Path, mo
         # the same weights read the token mean under the init's pooling: another score
         module.set_head_pooling("mean")
         assert not torch.allclose(module(**x), served(**x))
-    done = train(_cfg(beir, mat, out, epochs=1, resume=True, student_pooling="cls", **kw))
-    assert done.step > 1 and not load_cross_encoder(out).mean_pooled
+    done = train(_cfg(beir, mat, out, epochs=1, resume=True, student_pooling=pooling, **kw))
+    assert done.step > 1 and load_cross_encoder(out).pooling(None) == pooling
     with pytest.raises(TrainingError, match="student_pooling is for student distillation"):
-        _cfg(beir, mat, out, mode="matryoshka", student_pooling="cls").validate()
-    with pytest.raises(TrainingError, match="'cls' or 'mean'"):
+        _cfg(beir, mat, out, mode="matryoshka", student_pooling=pooling).validate()
+    with pytest.raises(TrainingError, match="one of"):
         _cfg(beir, mat, out, student_pooling="max", **kw).validate()
 
 

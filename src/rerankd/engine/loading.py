@@ -20,7 +20,7 @@ from rerankd.engine.model_meta import read_meta
 from rerankd.engine.models.bert import (
     DELTA_NAME,
     DEPTH_HEAD_NAME,
-    MEAN_POOLING,
+    POOLINGS,
     CrossEncoder,
     LoraSpec,
     backbone_prefix,
@@ -53,7 +53,7 @@ def load_cross_encoder(folder: Path) -> CrossEncoder | JinaCrossEncoder:
     install_lora(model, weights, folder)
     install_deltas(model, weights, folder)
     if isinstance(model, CrossEncoder):
-        model.mean_pooled = mean_pooled_depths(folder, cfg, depths)
+        install_poolings(model, head_poolings(folder, cfg, depths))
     try:
         missing, unexpected = model.load_state_dict(weights, strict=False)
     except RuntimeError as exc:  # a tensor of the wrong shape; torch's message names it
@@ -68,24 +68,34 @@ def load_cross_encoder(folder: Path) -> CrossEncoder | JinaCrossEncoder:
     return model.eval().requires_grad_(False)
 
 
-def mean_pooled_depths(folder: Path, cfg: ModelConfig, depths: list[int]) -> frozenset[int]:
-    """The depths whose head reads the token mean (`models.bert.MEAN_POOLING`):
-    rerankd.json's `matryoshka.pooling` covers the per-depth heads, `head_pooling` the
-    model's own head (an extracted sub-model). Absent: the pooled [CLS], as in HF."""
+def head_poolings(folder: Path, cfg: ModelConfig, depths: list[int]) -> dict[int, str]:
+    """How each head reads its last layer (`models.bert.POOLINGS`), for the heads that do
+    not read the pooled [CLS]: rerankd.json's `matryoshka.pooling` covers the per-depth
+    heads, `head_pooling` the model's own head (an extracted sub-model or a student).
+    Absent: the pooled [CLS], as in HF."""
     meta = read_meta(folder)
-    out: set[int] = set()
+    out: dict[int, str] = {}
     pooling = (meta.get("matryoshka") or {}).get("pooling", "cls")
     for key, value, covers in (
         ("matryoshka.pooling", pooling, depths),
         ("head_pooling", meta.get("head_pooling", "cls"), [cfg.num_layers]),
     ):
-        if value not in ("cls", MEAN_POOLING):
-            raise ModelLoadError(f"{folder}/rerankd.json: {key} must be 'cls' or 'mean'")
-        if value == MEAN_POOLING:
+        if value not in POOLINGS:
+            raise ModelLoadError(
+                f"{folder}/rerankd.json: {key} must be one of {', '.join(POOLINGS)}, got {value!r}"
+            )
+        if value != "cls":
             if cfg.head != "pooler":
-                raise ModelLoadError(f"{folder}: mean-pooled heads need a BERT (pooler) model")
-            out.update(covers)
-    return frozenset(out)
+                raise ModelLoadError(f"{folder}: token-mean heads need a BERT (pooler) model")
+            out.update(dict.fromkeys(covers, value))
+    return out
+
+
+def install_poolings(model: CrossEncoder, poolings: Mapping[int, str]) -> None:
+    """Set each head's pooling (`head_poolings`); every other head reads the pooled [CLS]."""
+    model.set_pooling(range(1, model.config.num_layers + 1), "cls")
+    for pooling in set(poolings.values()):
+        model.set_pooling([k for k, v in poolings.items() if v == pooling], pooling)
 
 
 def lora_meta(folder: Path) -> dict[str, Any] | None:

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from rerankd.engine.models.bert import DEFAULT_LORA_TARGETS, LORA_TARGETS
+from rerankd.engine.models.bert import DEFAULT_LORA_TARGETS, LORA_TARGETS, POOLINGS
 from rerankd.train.losses import DISTILL_LOSSES
 
 
@@ -190,9 +190,10 @@ def distill_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--student-pooling",
-        choices=("cls", "mean"),
+        choices=POOLINGS,
         help="what the student's head reads (default: as its --student-init's head does); "
-        "cls lets the last layer run for [CLS] alone, mean reads every token of it",
+        "cls lets the last layer run for [CLS] alone, query for the query segment "
+        "([CLS] query [SEP]) alone and averages it, mean averages every token of it",
     )
     p.add_argument(
         "--queries",
@@ -223,10 +224,10 @@ def distill_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--depth-pooling",
-        choices=("mean", "cls"),
+        choices=POOLINGS,
         default="mean",
         help="what the per-depth heads read: the token mean (default; at shallow depths [CLS] "
-        "barely sees the document) or the pooled [CLS]",
+        "barely sees the document), the query segment's token mean, or the pooled [CLS]",
     )
     lora = p.add_argument_group("LoRA compensation (--matryoshka)")
     lora.add_argument(

@@ -34,6 +34,7 @@ from rerankd.engine.model_meta import read_meta
 from rerankd.engine.models.bert import (
     DEFAULT_LORA_TARGETS,
     DELTA_FORMAT,
+    DEPTH_HEAD_NAME,
     LoraSpec,
     backbone_prefix,
     runs_at_depth,
@@ -41,6 +42,7 @@ from rerankd.engine.models.bert import (
 from rerankd.engine.models.config import ModelConfig
 from rerankd.train.modeling import (
     DEPTH_HEAD,
+    POOLED_SCORE,
     TOKENIZER_FILES,
     same_tokenization,
     save_safetensors,
@@ -85,10 +87,15 @@ class GraftReport:
 
 
 def _check(
-    model: Path, student: Path, tcfg: ModelConfig, scfg: ModelConfig, meta: dict[str, Any]
+    model: Path,
+    student: Path,
+    tcfg: ModelConfig,
+    scfg: ModelConfig,
+    meta: dict[str, Any],
+    heads_at: set[int],
 ) -> int:
     """The depth the graft replaces (the student's layer count), or ValueError saying what
-    does not fit. `meta` is the model's rerankd.json."""
+    does not fit. `meta` is the model's rerankd.json, `heads_at` its depth heads' depths."""
     for field in _SHAPE:
         a, b = getattr(tcfg, field), getattr(scfg, field)
         if a != b:
@@ -106,10 +113,11 @@ def _check(
         )
     heads = str(meta["matryoshka"].get("pooling", "cls"))
     own = str(read_meta(student).get("head_pooling", "cls"))
-    if heads != own:
+    others = sorted(heads_at - {depth})
+    if heads != own and others:
         raise ValueError(
-            f"{model}'s depth heads read the {heads} pooling, {student}'s head reads {own}: a "
-            "head moves only between the same pooling"
+            f"{model}'s depth heads read the {heads} pooling, {student}'s head reads {own}: "
+            f"the depth heads share one pooling, and {model} keeps heads for depths {others}"
         )
     if not same_tokenization(model, student):
         raise ValueError(f"{student} and {model} tokenize differently")
@@ -136,9 +144,10 @@ def graft_depth(
     tcfg = ModelConfig.from_file(model / "config.json")
     scfg = ModelConfig.from_file(student / "config.json")
     meta = read_meta(model)
-    depth = _check(model, student, tcfg, scfg, meta)
-    spec = lora_meta(model)
     tw, sw = read_weights(model), read_weights(student)
+    heads_at = {int(m.group(1)) for k in tw if (m := DEPTH_HEAD_NAME.match(k))}
+    depth = _check(model, student, tcfg, scfg, meta, heads_at)
+    spec = lora_meta(model)
     out = {k: v for k, v in tw.items() if not k.startswith(_kinds(depth))}
     if spec is not None:
         targets = list(spec["targets"])
@@ -187,6 +196,12 @@ def graft_depth(
         if (model / name).exists():
             shutil.copyfile(model / name, dst / name)
     mat = dict(meta["matryoshka"])
+    # the depth heads share one pooling; _check allows another only where depth k's head
+    # is the model's only one, so the student's becomes theirs
+    heads, own = mat.get("pooling", "cls"), read_meta(student).get("head_pooling", "cls")
+    if own != heads:
+        mat["pooling"] = own
+        mat["score"] = str(mat.get("score", "")).replace(POOLED_SCORE[heads], POOLED_SCORE[own])
     lora = dict(mat.get("lora") or LoraSpec(rank, scale * rank, tuple(targets)).describe())
     lora["vertical"] = sorted({*lora.get("vertical", []), depth})
     ranks = {k: r for k, r in (lora.pop("ranks", None) or {}).items() if k != f"depth{depth}"}

@@ -61,7 +61,13 @@ from rerankd.engine.bundled import PREFIX as BUNDLED_PREFIX
 from rerankd.engine.bundled import backbone_dir
 from rerankd.engine.checkpoint import read_weights, write_safetensors
 from rerankd.engine.convert import backbone_to_cross_encoder
-from rerankd.engine.loading import install_deltas, install_lora, lora_meta, mean_pooled_depths
+from rerankd.engine.loading import (
+    head_poolings,
+    install_deltas,
+    install_lora,
+    install_poolings,
+    lora_meta,
+)
 from rerankd.engine.model_meta import read_meta
 from rerankd.engine.models.bert import (
     DELTA_FORMAT,
@@ -69,6 +75,7 @@ from rerankd.engine.models.bert import (
     DEPTH_HEAD_NAME,
     KEEP,
     MEAN_POOLING,
+    QUERY_POOLING,
     CrossEncoder,
     backbone_prefix,
     fold_compensation,
@@ -87,6 +94,13 @@ TOKENIZER_FILES = (
     "vocab.txt",
 )
 DEPTH_HEAD = "classifier_depth{k}"
+#: `rerankd.json`'s formula for a per-depth head's score, by its pooling
+POOLED_SCORE = {
+    "cls": "classifier_depth{k}(tanh(bert.pooler.dense(h_k[:, 0])))[:, 0]",
+    MEAN_POOLING: "classifier_depth{k}(mean over unmasked tokens of h_k)[:, 0]",
+    QUERY_POOLING: "classifier_depth{k}(mean over the query segment's tokens of h_k "
+    "([CLS] query [SEP], token type 0))[:, 0]",
+}
 _DEPTH_HEAD_NAME = DEPTH_HEAD_NAME  # the engine's: one name for trainer and server
 _LAYER_NAME = re.compile(r"^(bert|roberta)\.encoder\.layer\.(\d+)\.(.+)$")
 
@@ -193,26 +207,16 @@ class TrainableReranker(nn.Module):
 
     @property
     def pooling(self) -> str:
-        """How the per-depth heads read layer k: "mean" (token mean) or "cls"."""
-        mean = bool(self.depths) and set(self.depths) <= self.model.mean_pooled
-        return MEAN_POOLING if mean else "cls"
+        """How the per-depth heads read layer k (`POOLINGS`; they share one)."""
+        return self.model.pooling(self.depths[0]) if self.depths else "cls"
 
     def set_pooling(self, pooling: str) -> None:
-        """Make every per-depth head read the token mean ("mean") or the pooled [CLS]."""
-        if pooling not in ("cls", MEAN_POOLING):
-            raise ValueError(f"depth pooling must be 'cls' or 'mean', got {pooling!r}")
-        full = self.model.mean_pooled & {self.config.num_layers}
-        self.model.mean_pooled = full | (
-            frozenset(self.depths) if pooling == MEAN_POOLING else frozenset()
-        )
+        """Make every per-depth head read its layer as `pooling` (`POOLINGS`)."""
+        self.model.set_pooling(self.depths, pooling)
 
     def set_head_pooling(self, pooling: str) -> None:
-        """Make the model's own head read the token mean ("mean") or the pooled [CLS]."""
-        if pooling not in ("cls", MEAN_POOLING):
-            raise ValueError(f"head pooling must be 'cls' or 'mean', got {pooling!r}")
-        full = self.config.num_layers
-        rest = self.model.mean_pooled - {full}
-        self.model.mean_pooled = rest | ({full} if pooling == MEAN_POOLING else set())
+        """Make the model's own head read its last layer as `pooling` (`POOLINGS`)."""
+        self.model.set_pooling([self.config.num_layers], pooling)
 
     def init_heads_from_classifier(self) -> None:
         """Start every depth head as a copy of the full-depth head: a trained model's head
@@ -334,7 +338,7 @@ def load_trainable(folder: Path, depths: Sequence[int] | None = None) -> Trainab
     model = CrossEncoder(cfg)
     install_lora(model, weights, folder)  # the folder's LoRA, if any, is kept and trained
     install_deltas(model, weights, folder)  # its per-depth deltas too
-    model.mean_pooled = mean_pooled_depths(folder, cfg, wanted)
+    install_poolings(model, head_poolings(folder, cfg, wanted))
     module = TrainableReranker(model, wanted)
     module.init_heads_from_classifier()  # overwritten below for the heads the folder has
     keep = {k: v for k, v in heads.items() if int(_DEPTH_HEAD_NAME.match(k).group(1)) in wanted}
@@ -414,8 +418,8 @@ def save_model_folder(
     meta = dict(info)
     # how the model's own head pools is part of its architecture: an extracted depth trained
     # further (`--student-init`) keeps its token-mean head unless told otherwise
-    if module.config.num_layers in module.model.mean_pooled:
-        meta["head_pooling"] = MEAN_POOLING
+    if (own := module.model.pooling(None)) != "cls":
+        meta["head_pooling"] = own
     if module.depths or module.model.lora_spec is not None:
         meta["matryoshka"] = matryoshka_description(module)
     write_json(out / "rerankd.json", meta)
@@ -435,11 +439,7 @@ def matryoshka_description(module: TrainableReranker) -> dict[str, Any]:
             "bias": f"{DEPTH_HEAD}.bias [{cfg.num_labels}]",
         },
         "pooling": module.pooling,
-        "score": (
-            "classifier_depth{k}(mean over unmasked tokens of h_k)[:, 0]"
-            if module.pooling == MEAN_POOLING
-            else "classifier_depth{k}(tanh(bert.pooler.dense(h_k[:, 0])))[:, 0]"
-        )
+        "score": POOLED_SCORE[module.pooling]
         + ", h_k = hidden state after the first k encoder layers (with depth k's LoRA and "
         "deltas, if any); depth num_layers uses classifier.* on the pooled [CLS]",
         "lora": lora_description(module.model),
@@ -569,8 +569,8 @@ def extract_depth(model: Path, depth: int, dst: Path) -> Path:
     meta = read_meta(model)
     pooling = (meta.get("matryoshka") or {}).get("pooling", "cls")
     extracted: dict[str, Any] = {"extracted_from": str(model), "depth": depth}
-    if pooling == MEAN_POOLING:  # its own head and any kept lower heads read the token mean
-        extracted |= {"head_pooling": MEAN_POOLING, "matryoshka": {"pooling": MEAN_POOLING}}
+    if pooling != "cls":  # its own head and any kept lower heads read the same token mean
+        extracted |= {"head_pooling": pooling, "matryoshka": {"pooling": pooling}}
     extracted |= {k: meta[k] for k in ("max_length", "long_docs") if k in meta}
     write_json(dst / "rerankd.json", extracted | {"source_meta": meta})
     return dst

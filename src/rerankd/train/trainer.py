@@ -55,8 +55,8 @@ from tqdm.auto import tqdm
 
 from rerankd.engine.checkpoint import read_weights
 from rerankd.engine.limits import resolve_keep_schedule
-from rerankd.engine.loading import mean_pooled_depths
-from rerankd.engine.models.bert import DEFAULT_LORA_TARGETS, KEEP, LORA_TARGETS, MEAN_POOLING
+from rerankd.engine.loading import head_poolings
+from rerankd.engine.models.bert import DEFAULT_LORA_TARGETS, KEEP, LORA_TARGETS, POOLINGS
 from rerankd.eval.metrics import evaluate, spearman
 from rerankd.train.data import (
     Group,
@@ -145,7 +145,8 @@ class TrainConfig:
     student_layers: list[int] | None = None
     #: a cross-encoder folder to start the student from instead of teacher layers
     student_init: str | None = None
-    #: what the student's head reads: "cls" or "mean" (None: as its init's head does)
+    #: what the student's head reads: "cls", "mean" or "query" (`bert.POOLINGS`; None: as
+    #: its init's head does)
     student_pooling: str | None = None
     query_source: str = "train"
     pseudo_queries: int = 0
@@ -161,9 +162,9 @@ class TrainConfig:
     #: from the full model directly; fewer depths also cost less (with vertical LoRA each
     #: trained depth k is a k-layer pass of its own). Heads of other depths are dropped.
     matryoshka_depths: tuple[int, ...] = ()
-    #: what the per-depth heads read: "mean" (token mean) or "cls" (pooled [CLS], as the
-    #: full depth). Mean by default: at shallow depths [CLS] barely sees the document
-    #: (`rerankd.engine.models.bert.MEAN_POOLING`)
+    #: what the per-depth heads read: "mean" (token mean), "query" (the query segment's
+    #: token mean) or "cls" (pooled [CLS], as the full depth). Mean by default: at shallow
+    #: depths [CLS] barely sees the document (`rerankd.engine.models.bert.MEAN_POOLING`)
     depth_pooling: str = "mean"
     #: LoRA compensation (matryoshka): rank (0 = none), alpha (None = 2 x rank), targets
     lora_rank: int = 0
@@ -259,9 +260,9 @@ class TrainConfig:
         if self.student_pooling is not None:
             if self.mode != "student":
                 raise TrainingError("student_pooling is for student distillation")
-            if self.student_pooling not in ("cls", MEAN_POOLING):
+            if self.student_pooling not in POOLINGS:
                 raise TrainingError(
-                    f"student_pooling must be 'cls' or 'mean', got {self.student_pooling!r}"
+                    f"student_pooling must be one of {POOLINGS}, got {self.student_pooling!r}"
                 )
         uses_labels = self.ce_weight > 0
         uses_teacher = (self.teacher_scores is not None or self.mode == "student") and (
@@ -282,9 +283,9 @@ class TrainConfig:
             raise TrainingError("max_minutes must be > 0")
 
     def _validate_depths(self) -> None:
-        if self.depth_pooling not in ("cls", "mean"):
+        if self.depth_pooling not in POOLINGS:
             raise TrainingError(
-                f"depth_pooling must be 'cls' or 'mean', got {self.depth_pooling!r}"
+                f"depth_pooling must be one of {POOLINGS}, got {self.depth_pooling!r}"
             )
         if self.matryoshka_depths and self.mode != "matryoshka":
             raise TrainingError("matryoshka depths are for Matryoshka distillation")
@@ -569,8 +570,8 @@ class Trainer:
                 f"{init} has heads for depths {folder_heads}: pass --depths "
                 f"{','.join(map(str, folder_heads))} (adding horizontal LoRA changes no head)"
             )
-        if model.mean_pooled != mean_pooled_depths(init, self.module.config, held):
-            want = "cls" if cfg.depth_pooling == MEAN_POOLING else MEAN_POOLING
+        folder_pooling = head_poolings(init, self.module.config, held)
+        if held and (want := folder_pooling.get(held[0], "cls")) != cfg.depth_pooling:
             raise TrainingError(
                 f"{init}'s depth heads are {want}-pooled: pass --depth-pooling {want} "
                 "(adding horizontal LoRA changes no head)"
