@@ -23,7 +23,7 @@ from rerankd.engine.factory import load_reranker
 from rerankd.types import Document
 r = load_reranker("rerankd-tiny-l2", backend="torch")
 docs = [Document("a", "cats eat grass"), Document("b", "the sky is blue")]
-print("first:", r.rerank("what do cats eat", docs).results[0].id)
+print("scored:", sorted(x.id for x in r.rerank("what do cats eat", docs).results))
 """
 
 
@@ -32,4 +32,5 @@ def test_a_script_that_never_closes_its_reranker_exits_cleanly() -> None:
         [sys.executable, "-c", SCRIPT], cwd=REPO, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.split("\n")[-3:] == ["first: a", "alive: []", ""], proc.stdout
+    # it scored both (how it ranks them is test_shipped_models' business), then exited
+    assert proc.stdout.split("\n")[-3:] == ["scored: ['a', 'b']", "alive: []", ""], proc.stdout

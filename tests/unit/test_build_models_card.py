@@ -148,7 +148,7 @@ def test_the_graft_lines_say_what_the_deltas_carried_and_what_was_left_out(
     }
     (teacher / "rerankd.json").write_text(json.dumps({"grafted": grafted | moves}))
     lines = build_models._graft_lines(teacher, "", [])
-    assert "truncated SVD at rank 64" in lines[0]
+    assert "truncated SVD at rank 64" in lines[0] and "pooling" not in lines[0]
     assert lines[1:] == [
         "  - carried whole as 26 depth-2 deltas: the student's biases, LayerNorms, position "
         "and token-type embeddings and key projections (largest move: "
@@ -158,4 +158,11 @@ def test_the_graft_lines_say_what_the_deltas_carried_and_what_was_left_out(
     (teacher / "rerankd.json").write_text(json.dumps({"grafted": grafted | old}))
     assert build_models._graft_lines(teacher, "", [])[1].startswith(
         "  - left out: what depth 2 shares with the full depth and the graft did not carry"
+    )
+    # the head says what it reads where the model says it
+    meta = {"grafted": grafted | moves, "matryoshka": {"pooling": "query"}}
+    (teacher / "rerankd.json").write_text(json.dumps(meta))
+    assert (
+        "head the depth-2 head (pooling: the mean of the query segment's states"
+        in (build_models._graft_lines(teacher, "", [])[0])
     )
