@@ -80,7 +80,7 @@ def test_same_logits_with_depth_compensation(tmp_path: Path) -> None:
 def test_mean_pooled_depths_run_every_token(tmp_path: Path) -> None:
     folder = write_tiny_checkpoint(tmp_path / "m", layers=3)
     model = load_cross_encoder(folder).eval()
-    model.mean_pooled = frozenset({2})
+    model.set_pooling([2], "mean")
     batch = _batch()
     with torch.inference_mode():
         logits, rows = _last_layer_rows(model, batch, 2)

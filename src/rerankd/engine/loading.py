@@ -53,7 +53,7 @@ def load_cross_encoder(folder: Path) -> CrossEncoder | JinaCrossEncoder:
     install_lora(model, weights, folder)
     install_deltas(model, weights, folder)
     if isinstance(model, CrossEncoder):
-        install_poolings(model, head_poolings(folder, cfg, depths))
+        model.poolings = head_poolings(folder, cfg, depths)
     try:
         missing, unexpected = model.load_state_dict(weights, strict=False)
     except RuntimeError as exc:  # a tensor of the wrong shape; torch's message names it
@@ -70,9 +70,9 @@ def load_cross_encoder(folder: Path) -> CrossEncoder | JinaCrossEncoder:
 
 def head_poolings(folder: Path, cfg: ModelConfig, depths: list[int]) -> dict[int, str]:
     """How each head reads its last layer (`models.bert.POOLINGS`), for the heads that do
-    not read the pooled [CLS]: rerankd.json's `matryoshka.pooling` covers the per-depth
-    heads, `head_pooling` the model's own head (an extracted sub-model or a student).
-    Absent: the pooled [CLS], as in HF."""
+    not read the pooled [CLS] (`CrossEncoder.poolings`): rerankd.json's
+    `matryoshka.pooling` covers the per-depth heads, `head_pooling` the model's own head
+    (an extracted sub-model or a student). Absent: the pooled [CLS], as in HF."""
     meta = read_meta(folder)
     out: dict[int, str] = {}
     pooling = (meta.get("matryoshka") or {}).get("pooling", "cls")
@@ -89,13 +89,6 @@ def head_poolings(folder: Path, cfg: ModelConfig, depths: list[int]) -> dict[int
                 raise ModelLoadError(f"{folder}: token-mean heads need a BERT (pooler) model")
             out.update(dict.fromkeys(covers, value))
     return out
-
-
-def install_poolings(model: CrossEncoder, poolings: Mapping[int, str]) -> None:
-    """Set each head's pooling (`head_poolings`); every other head reads the pooled [CLS]."""
-    model.set_pooling(range(1, model.config.num_layers + 1), "cls")
-    for pooling in set(poolings.values()):
-        model.set_pooling([k for k, v in poolings.items() if v == pooling], pooling)
 
 
 def lora_meta(folder: Path) -> dict[str, Any] | None:

@@ -65,7 +65,6 @@ from rerankd.engine.loading import (
     head_poolings,
     install_deltas,
     install_lora,
-    install_poolings,
     lora_meta,
 )
 from rerankd.engine.model_meta import read_meta
@@ -338,7 +337,7 @@ def load_trainable(folder: Path, depths: Sequence[int] | None = None) -> Trainab
     model = CrossEncoder(cfg)
     install_lora(model, weights, folder)  # the folder's LoRA, if any, is kept and trained
     install_deltas(model, weights, folder)  # its per-depth deltas too
-    install_poolings(model, head_poolings(folder, cfg, wanted))
+    model.poolings = head_poolings(folder, cfg, wanted)
     module = TrainableReranker(model, wanted)
     module.init_heads_from_classifier()  # overwritten below for the heads the folder has
     keep = {k: v for k, v in heads.items() if int(_DEPTH_HEAD_NAME.match(k).group(1)) in wanted}

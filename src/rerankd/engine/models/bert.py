@@ -630,18 +630,19 @@ class CrossEncoder(nn.Module):
             self.classifier = RobertaHead(cfg)
         #: the installed LoRA compensation (None: none), kept in step by `add_lora`
         self.lora_spec: LoraSpec | None = None
-        #: depths whose head reads the mean of the token states instead of the pooled [CLS]
-        #: (`MEAN_POOLING`); the full depth L is among them only for an extracted sub-model
-        self.mean_pooled: frozenset[int] = frozenset()
-        #: of those, the depths whose mean covers the query segment alone (`QUERY_POOLING`)
-        self.query_pooled: frozenset[int] = frozenset()
+        #: depth -> how its head reads the last layer, for the heads that read a token mean
+        #: (`MEAN_POOLING`, `QUERY_POOLING`) instead of the pooled [CLS]; the full depth L is
+        #: among them for an extracted sub-model or a student
+        self.poolings: dict[int, str] = {}
 
     def pooling(self, depth: int | None) -> str:
         """How the head of `depth` (None: the full depth) reads its last layer: `POOLINGS`."""
-        k = depth or self.config.num_layers
-        if k in self.query_pooled:
-            return QUERY_POOLING
-        return MEAN_POOLING if k in self.mean_pooled else "cls"
+        return self.poolings.get(depth or self.config.num_layers, "cls")
+
+    @property
+    def mean_pooled(self) -> frozenset[int]:
+        """The depths whose head reads a token mean (of every token or the query's)."""
+        return frozenset(self.poolings)
 
     def set_pooling(self, depths: Iterable[int], pooling: str) -> None:
         """Make the heads of `depths` read their last layer as `pooling` (`POOLINGS`)."""
@@ -649,11 +650,11 @@ class CrossEncoder(nn.Module):
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         if pooling != "cls" and self.config.head != "pooler":
             raise ValueError("token-mean heads need a BERT (pooler) model")
-        these = frozenset(depths)
-        mean = pooling != "cls"
-        self.mean_pooled = (self.mean_pooled - these) | (these if mean else frozenset())
-        query = pooling == QUERY_POOLING
-        self.query_pooled = (self.query_pooled - these) | (these if query else frozenset())
+        for k in depths:
+            if pooling == "cls":
+                self.poolings.pop(k, None)
+            else:
+                self.poolings[k] = pooling
 
     def _readout(
         self, depth: int, attention_mask: torch.Tensor, token_type_ids: torch.Tensor
@@ -662,11 +663,12 @@ class CrossEncoder(nn.Module):
         averages over those positions). [CLS]: 1. Token mean: all, the attention mask. Query
         segment: up to the batch's longest, each row's own. The query segment comes first
         and token pruning protects it, so it stays a prefix of every row."""
-        if depth in self.query_pooled:
+        pooling = self.pooling(depth)
+        if pooling == QUERY_POOLING:
             segment = attention_mask.bool() & (token_type_ids == 0)
             rows = segment.sum(dim=1).max()
             return rows, segment[:, :rows]
-        return (None if depth in self.mean_pooled else 1), attention_mask
+        return (None if pooling == MEAN_POOLING else 1), attention_mask
 
     def add_depth_heads(self, depths: list[int]) -> None:
         """Per-depth heads (Matryoshka checkpoints): `classifier_depth{k}` scores the pooled
@@ -883,8 +885,8 @@ class CrossEncoder(nn.Module):
         matter there. Same logits (up to float rounding); about a sixth of the last layer's
         matmul work remains (the key and value projections), so a 2-layer model does ~40%
         less encoder matmul work, a 6-layer one ~14%. A head on the query segment's mean
-        (`query_pooled`) runs the last layer for the batch's longest query segment; one on
-        every token's mean (`mean_pooled`) runs them all.
+        (`QUERY_POOLING`) runs the last layer for the batch's longest query segment; one on
+        every token's mean (`MEAN_POOLING`) runs them all.
         """
         rows, mask = self._readout(depth or self.config.num_layers, attention_mask, token_type_ids)
         hidden = self.encode(input_ids, attention_mask, token_type_ids, depth, rows)
@@ -906,15 +908,16 @@ class CrossEncoder(nn.Module):
             len(keep), "forward_pruned",
             input_ids, attention_mask, token_type_ids, keep, protected, adapters, rows,
         )  # fmt: skip
-        return self.head(hidden, len(keep), segment if len(keep) in self.query_pooled else mask)
+        query = self.pooling(len(keep)) == QUERY_POOLING
+        return self.head(hidden, len(keep), segment if query else mask)
 
     def pooled(
         self, hidden: torch.Tensor, depth: int | None, mask: torch.Tensor | None
     ) -> torch.Tensor:
         """What the head of `depth` reads: the pooler on [CLS], or for depths in
-        `mean_pooled` the mean of the token states `mask` keeps (see `MEAN_POOLING`,
+        `poolings` the mean of the token states `mask` keeps (see `MEAN_POOLING`,
         `QUERY_POOLING`)."""
-        if (depth or self.config.num_layers) not in self.mean_pooled:
+        if self.pooling(depth) == "cls":
             return self.backbone.pooler(hidden)
         if mask is None:
             raise ValueError("a mean-pooled head needs the attention mask")
