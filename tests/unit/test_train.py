@@ -394,7 +394,7 @@ def test_cls_pooled_depth_heads_read_the_pooler(tmp_path: Path, beir: Path, mode
     train(_cfg(beir, model4, out, mode="matryoshka", epochs=1, max_steps=1, depth_pooling="cls"))
     assert json.loads((out / "rerankd.json").read_text())["matryoshka"]["pooling"] == "cls"
     model = load_cross_encoder(out)
-    assert model.mean_pooled == frozenset()
+    assert model.poolings == {}
     ids = torch.tensor([[101, 2054, 2515, 102, 4937, 102]])
     mask, types = torch.ones_like(ids), torch.tensor([[0, 0, 0, 0, 1, 1]])
     with torch.no_grad():
@@ -691,7 +691,7 @@ def test_student_can_start_from_an_extracted_depth(
     same = train(_cfg(beir, mat, tmp_path / "same", max_steps=1, student_init=str(mat), **kw))
     assert same.initial_dev["model"]["spearman_vs_teacher"] == pytest.approx(1.0)
     student = load_cross_encoder(out)
-    assert student.config.num_layers == 2 and 2 in student.mean_pooled
+    assert student.config.num_layers == 2 and 2 in student.poolings
     before = load_file(str(init / "model.safetensors"))
     after = load_file(str(out / "model.safetensors"))
     assert not torch.equal(before["classifier.weight"], after["classifier.weight"])

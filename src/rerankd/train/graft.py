@@ -93,9 +93,11 @@ def _check(
     scfg: ModelConfig,
     meta: dict[str, Any],
     heads_at: set[int],
+    own: str,
 ) -> int:
     """The depth the graft replaces (the student's layer count), or ValueError saying what
-    does not fit. `meta` is the model's rerankd.json, `heads_at` its depth heads' depths."""
+    does not fit. `meta` is the model's rerankd.json, `heads_at` its depth heads' depths,
+    `own` the student's head pooling."""
     for field in _SHAPE:
         a, b = getattr(tcfg, field), getattr(scfg, field)
         if a != b:
@@ -112,7 +114,6 @@ def _check(
             "one with `rerankd distill --matryoshka`"
         )
     heads = str(meta["matryoshka"].get("pooling", "cls"))
-    own = str(read_meta(student).get("head_pooling", "cls"))
     others = sorted(heads_at - {depth})
     if heads != own and others:
         raise ValueError(
@@ -146,7 +147,8 @@ def graft_depth(
     meta = read_meta(model)
     tw, sw = read_weights(model), read_weights(student)
     heads_at = {int(m.group(1)) for k in tw if (m := DEPTH_HEAD_NAME.match(k))}
-    depth = _check(model, student, tcfg, scfg, meta, heads_at)
+    own = str(read_meta(student).get("head_pooling", "cls"))
+    depth = _check(model, student, tcfg, scfg, meta, heads_at, own)
     spec = lora_meta(model)
     out = {k: v for k, v in tw.items() if not k.startswith(_kinds(depth))}
     if spec is not None:
@@ -198,7 +200,7 @@ def graft_depth(
     mat = dict(meta["matryoshka"])
     # the depth heads share one pooling; _check allows another only where depth k's head
     # is the model's only one, so the student's becomes theirs
-    heads, own = mat.get("pooling", "cls"), read_meta(student).get("head_pooling", "cls")
+    heads = mat.get("pooling", "cls")
     if own != heads:
         mat["pooling"] = own
         mat["score"] = str(mat.get("score", "")).replace(POOLED_SCORE[heads], POOLED_SCORE[own])

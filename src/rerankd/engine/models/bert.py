@@ -639,11 +639,6 @@ class CrossEncoder(nn.Module):
         """How the head of `depth` (None: the full depth) reads its last layer: `POOLINGS`."""
         return self.poolings.get(depth or self.config.num_layers, "cls")
 
-    @property
-    def mean_pooled(self) -> frozenset[int]:
-        """The depths whose head reads a token mean (of every token or the query's)."""
-        return frozenset(self.poolings)
-
     def set_pooling(self, depths: Iterable[int], pooling: str) -> None:
         """Make the heads of `depths` read their last layer as `pooling` (`POOLINGS`)."""
         if pooling not in POOLINGS:
