@@ -24,6 +24,7 @@ from rerankd.train.data import (
     first_stage,
     load_teacher_scores,
     load_training_data,
+    long_pseudo_query,
     pseudo_query,
     split_dev,
     write_teacher_scores,
@@ -261,6 +262,44 @@ def test_teacher_scores_round_trip(tmp_path: Path) -> None:
 def test_pseudo_query_is_title_else_first_sentence() -> None:
     assert pseudo_query("A title", "Body. More.") == "A title"
     assert pseudo_query("", "First sentence here. Second one.") == "First sentence here."
+
+
+def test_long_pseudo_query_is_closing_sentences_from_a_sentence_start() -> None:
+    text = "One two three. Four five six seven. Eight nine ten."
+    assert long_pseudo_query(text, 3) == "Eight nine ten."
+    assert long_pseudo_query(text, 5) == "Four five six seven. Eight"
+    assert long_pseudo_query(text, 10) == text
+    assert long_pseudo_query(text, 11) == ""  # shorter than asked: no query
+
+
+def _long_doc_beir(root: Path) -> Path:
+    """The toy BEIR folder with documents long enough (about 140 words) for long pseudo
+    queries: each document's own sentence, then filler sentences naming its animal."""
+    write_toy_beir(root)
+    docs = [json.loads(line) for line in (root / "corpus.jsonl").read_text().splitlines()]
+    for d in docs:
+        filler = " ".join(f"Note {k} on what {d['_id']} does in the wild." for k in range(14))
+        d["text"] = f"{d['text']} {filler}"
+    (root / "corpus.jsonl").write_text("\n".join(json.dumps(d) for d in docs) + "\n")
+    return root
+
+
+def test_long_pseudo_queries_come_besides_the_short_ones(tmp_path: Path) -> None:
+    """Long pseudo queries are drawn with their own seed: adding them leaves the title ones
+    as they were; they are 30 to 120 words and never made from a dev query's documents."""
+    beir = _long_doc_beir(tmp_path / "beir")
+    kw = {"query_source": "both", "pseudo_queries": 5, "dev_queries": 4, "depth": 8}
+    short = load_training_data(beir, **kw)
+    both = load_training_data(beir, **kw, long_pseudo_queries=6)
+    long = {q for q in both.pseudo_sources if q.startswith("pseudo-long:")}
+    assert len(long) == 6 and both.stats()["long_pseudo_queries"] == 6
+    assert set(both.pseudo_sources) - long == set(short.pseudo_sources)
+    assert short.stats()["long_pseudo_queries"] == 0
+    dev_docs = {d for q in both.dev_qids for d in both.qrels[q]}
+    for q in long:
+        assert 30 <= len(both.queries[q].split()) <= 120
+        assert both.pseudo_sources[q] not in dev_docs and q in both.train_qids
+        assert both.queries[q] in " ".join(both.corpus[both.pseudo_sources[q]].split())
 
 
 # -- training ------------------------------------------------------------------------------------
@@ -664,6 +703,33 @@ def test_cli_lora_flags(tmp_path: Path, beir: Path, model4: Path) -> None:
         main(["distill", "--teacher", str(model4), "--lora-rank", "2", *tiny])
     with pytest.raises(SystemExit):
         main(["distill", "--matryoshka", "--model", str(model4), "--lora-targets", "x", *tiny])
+
+
+def test_cli_query_source_reaches_both_distill_modes(
+    tmp_path: Path, beir: Path, model4: Path
+) -> None:
+    """`--queries`/`--pseudo-queries` reach a --matryoshka run as well as a student's (the
+    Matryoshka branch once dropped them); long pseudo queries without pseudo ones are refused."""
+    from rerankd.cli import main
+
+    tiny = [
+        "--dataset", str(beir), "--negatives", "3", "--depth", "8", "--max-length", "32",
+        "--dev-queries", "4", "--dev-candidates", "8", "--batch-groups", "4", "--threads", "1",
+        "--no-progress", "--max-steps", "1", "--queries", "both", "--pseudo-queries", "3",
+    ]  # fmt: skip
+    frozen = ["--depths", "2", "--lora-rank", "2", "--lora-freeze-base", "--depth-ce-weight", "0"]
+    out = tmp_path / "mat"
+    assert (
+        main(["distill", "--matryoshka", "--model", str(model4), *frozen, *tiny, "--out", str(out)])
+        == 0
+    )
+    run = read_log(out)[0]
+    assert run["config"]["query_source"] == "both" and run["data"]["pseudo_queries"] == 3
+    student = ["distill", "--teacher", str(model4), "--ce-weight", "0", *tiny]
+    assert main([*student, "--out", str(tmp_path / "st")]) == 0
+    assert read_log(tmp_path / "st")[0]["data"]["pseudo_queries"] == 3
+    with pytest.raises(SystemExit):
+        main([*student, "--queries", "train", "--long-pseudo-queries", "2", "--out", str(out)])
 
 
 def test_student_can_start_from_an_extracted_depth(

@@ -202,6 +202,13 @@ def distill_parser() -> argparse.ArgumentParser:
         help="train queries, pseudo queries from document titles/leading sentences, or both",
     )
     p.add_argument("--pseudo-queries", type=int, default=500, help="how many pseudo queries")
+    p.add_argument(
+        "--long-pseudo-queries",
+        type=int,
+        default=0,
+        help="how many long pseudo queries besides (30 to 120 words of a document's closing "
+        "sentences), so a head reading the query segment sees long questions",
+    )
     p.add_argument("--matryoshka", action="store_true", help="cascaded self-distillation")
     p.add_argument(
         "--model",
@@ -300,6 +307,18 @@ def main_train(argv: Sequence[str]) -> int:
     return _run(cfg)
 
 
+def _query_kwargs(p: argparse.ArgumentParser, ns: argparse.Namespace) -> dict:
+    """`distill`'s query source, for both modes; pseudo counts only where they are used."""
+    pseudo = ns.queries != "train"
+    if ns.long_pseudo_queries and not pseudo:
+        p.error("--long-pseudo-queries needs --queries pseudo or both")
+    return {
+        "query_source": ns.queries,
+        "pseudo_queries": ns.pseudo_queries if pseudo else 0,
+        "long_pseudo_queries": ns.long_pseudo_queries if pseudo else 0,
+    }
+
+
 def main_distill(argv: Sequence[str]) -> int:
     from rerankd.train.trainer import TrainConfig
 
@@ -327,6 +346,7 @@ def main_distill(argv: Sequence[str]) -> int:
             lora_horizontal=ns.lora_horizontal,
             lora_freeze_base=ns.lora_freeze_base,
             **kwargs,
+            **_query_kwargs(p, ns),
         )
     else:
         if not ns.teacher:
@@ -349,9 +369,8 @@ def main_distill(argv: Sequence[str]) -> int:
             student_layers=ns.layer_map,
             student_init=ns.student_init,
             student_pooling=ns.student_pooling,
-            query_source=ns.queries,
-            pseudo_queries=ns.pseudo_queries if ns.queries != "train" else 0,
             **_config_kwargs(ns),
+            **_query_kwargs(p, ns),
         )
     return _run(cfg)
 

@@ -379,6 +379,7 @@ class TrainingData:
             "corpus_docs": len(self.corpus),
             "train_queries": len(judged),
             "pseudo_queries": len(self.pseudo_sources),
+            "long_pseudo_queries": sum(q.startswith("pseudo-long:") for q in self.pseudo_sources),
             "dev_queries": len(self.dev_qids),
             "groups_per_epoch": sum(len(self.positives(q)) for q in self.train_qids),
             "miner": self.miner,
@@ -404,23 +405,60 @@ def pseudo_query(title: str, text: str, max_words: int = 24) -> str:
     return " ".join(source.split()[:max_words])
 
 
+#: the words a long pseudo query takes, drawn per query: enough that the query holds
+#: about half of a 192-token pair, as CISI's questions (76 words on average) do
+LONG_PSEUDO_WORDS = (30, 120)
+
+
+def long_pseudo_query(text: str, words: int) -> str:
+    """A long query made from a document: `words` words from its closing sentences
+    (starting at a sentence), or "" when the text is shorter than that.
+
+    Why the close: a pair is cut on the document's side, so the closing sentences mostly
+    fall outside the document window the model reads, and the match is on the topic rather
+    than on copied text, as with a long question written before the document was found.
+    """
+    sentences = [s for s in _SENTENCE.split(text.strip()) if s]
+    picked: list[str] = []
+    for sentence in reversed(sentences):
+        picked.insert(0, sentence)
+        if sum(len(s.split()) for s in picked) >= words:
+            return " ".join(" ".join(picked).split()[:words])
+    return ""
+
+
 def make_pseudo_queries(
-    folder: Path, corpus: Mapping[str, str], n: int, seed: int, exclude: Iterable[str] = ()
+    folder: Path,
+    corpus: Mapping[str, str],
+    n: int,
+    seed: int,
+    exclude: Iterable[str] = (),
+    *,
+    long: bool = False,
 ) -> dict[str, tuple[str, str]]:
     """{pseudo qid: (query text, source doc id)} for `n` seeded documents of the corpus.
 
-    `exclude` keeps documents out (those judged for dev queries, so the dev metric is not
-    measured on documents the student was shown as positives).
+    Short ones (`pseudo_query`, ids `pseudo:<doc>`) by default; with `long`, long ones
+    (`long_pseudo_query`, ids `pseudo-long:<doc>`, drawn with their own seed so adding them
+    leaves the short ones as they were). `exclude` keeps documents out (those judged for
+    dev queries, so the dev metric is not measured on documents the student was shown as
+    positives); a document a query cannot be made from is skipped, so fewer may come back.
     """
     titles = read_titles(folder)
     banned = set(exclude)
     pool = [d for d in corpus if d not in banned and d in titles]
-    picked = random.Random(f"{seed}:pseudo").sample(pool, min(n, len(pool)))
+    rng = random.Random(f"{seed}:pseudo-long" if long else f"{seed}:pseudo")
+    picked = rng.sample(pool, min(n, len(pool)))
     out: dict[str, tuple[str, str]] = {}
     for did in picked:
-        text = pseudo_query(*titles[did])
+        title, body = titles[did]
+        if long:
+            words = rng.randint(*LONG_PSEUDO_WORDS)
+            qid, text = f"pseudo-long:{did}", long_pseudo_query(body, words)
+        else:
+            qid, text = f"pseudo:{did}", pseudo_query(title, body)
         if text:
-            out[f"pseudo:{did}"] = (text, did)
+            out[qid] = (text, did)
     return out
 
 
@@ -439,13 +477,15 @@ def load_training_data(
     teacher_scores: str | Path | None = None,
     query_source: str = "train",
     pseudo_queries: int = 0,
+    long_pseudo_queries: int = 0,
 ) -> TrainingData:
     """Read, cap, split and mine: everything before the first step.
 
     `max_queries` keeps the first N judged queries (dev included), `max_docs` caps the corpus
     the way `rerankd eval` does (judged documents first): both bound a run's time on 2 cores.
     `query_source` is `train` (judged train queries), `pseudo` (pseudo queries from
-    documents, for distillation without labels) or `both`. `seed` draws the pseudo queries;
+    documents, for distillation without labels) or `both`; `pseudo_queries` short ones
+    (titles) and `long_pseudo_queries` long ones are made. `seed` draws the pseudo queries;
     `dev_seed` (default: `seed`) picks the dev queries, so runs with different seeds can
     still hold apart the same ones.
     """
@@ -463,6 +503,9 @@ def load_training_data(
     if query_source in ("pseudo", "both"):
         dev_docs = {d for q in dev_qids for d in data.qrels.get(q, {})}
         made = make_pseudo_queries(full.path, data.corpus, pseudo_queries, seed, dev_docs)
+        made |= make_pseudo_queries(
+            full.path, data.corpus, long_pseudo_queries, seed, dev_docs, long=True
+        )
         for pqid, (text, did) in made.items():
             queries[pqid] = text
             pseudo_sources[pqid] = did

@@ -150,6 +150,9 @@ class TrainConfig:
     student_pooling: str | None = None
     query_source: str = "train"
     pseudo_queries: int = 0
+    #: long pseudo queries (a document's closing sentences, 30 to 120 words) on top of
+    #: the title ones: a head that reads the query segment learns long questions from them
+    long_pseudo_queries: int = 0
     # matryoshka
     cascade_loss: str = "kl"
     cascade_weight: float = 1.0
@@ -245,6 +248,8 @@ class TrainConfig:
                 raise TrainingError(f"{name} must be >= 1, got {value}")
         if self.lr <= 0:
             raise TrainingError(f"lr must be > 0, got {self.lr}")
+        if min(self.pseudo_queries, self.long_pseudo_queries) < 0:
+            raise TrainingError("pseudo_queries and long_pseudo_queries must be >= 0")
         if self.depth < self.negatives + self.skip_top:
             raise TrainingError(
                 f"depth {self.depth} leaves fewer than {self.negatives} candidates after "
@@ -849,6 +854,7 @@ class Trainer:
             teacher_scores=cfg.teacher_scores,
             query_source=cfg.query_source,
             pseudo_queries=cfg.pseudo_queries,
+            long_pseudo_queries=cfg.long_pseudo_queries,
         )
         with tempfile.TemporaryDirectory(prefix="rerankd-train-") as tmp:
             self.model_info = self._build_model(saved, Path(tmp))
