@@ -749,6 +749,7 @@ def test_student_can_start_from_an_extracted_depth(
     train(_cfg(beir, mat, out, epochs=1, student_init=str(init), **kw))
     log = read_log(out)
     assert log[0]["model"]["init"] == str(init)
+    assert log[0]["model"]["head_pooling"] == "mean"  # inherited from the init, and logged
     # the dev log says how closely the student's order tracks the teacher's
     devs = [e["dev"] for e in log if "dev" in e]
     assert -1.0 <= devs[0]["model"]["spearman_vs_teacher"] <= 1.0

@@ -480,7 +480,8 @@ class Trainer:
                 # a [CLS] head lets the last layer run for [CLS] alone (the speed of a
                 # 2-layer student: `CrossEncoder.forward`); the init's head weights carry over
                 self.module.set_head_pooling(cfg.student_pooling)
-                info["head_pooling"] = cfg.student_pooling
+            # set here or inherited from the init: the log says what the head reads
+            info["head_pooling"] = self.module.model.pooling(None)
         elif teacher_dir is not None:
             tcfg = ModelConfig.from_file(teacher_dir / "config.json")
             layers = cfg.student_layers or default_student_layers(
