@@ -274,7 +274,7 @@ def test_long_pseudo_query_is_closing_sentences_from_a_sentence_start() -> None:
 
 def _long_doc_beir(root: Path) -> Path:
     """The toy BEIR folder with documents long enough (about 140 words) for long pseudo
-    queries: each document's own sentence, then filler sentences naming its animal."""
+    queries: each document's own sentence, then filler sentences naming the document."""
     write_toy_beir(root)
     docs = [json.loads(line) for line in (root / "corpus.jsonl").read_text().splitlines()]
     for d in docs:

@@ -405,8 +405,8 @@ def pseudo_query(title: str, text: str, max_words: int = 24) -> str:
     return " ".join(source.split()[:max_words])
 
 
-#: the words a long pseudo query takes, drawn per query: enough that the query holds
-#: about half of a 192-token pair, as CISI's questions (76 words on average) do
+#: the words a long pseudo query takes, drawn per query: up to past the half of a
+#: 192-token pair that a query may fill, as CISI's questions (76 words on average) do
 LONG_PSEUDO_WORDS = (30, 120)
 
 
@@ -418,12 +418,11 @@ def long_pseudo_query(text: str, words: int) -> str:
     fall outside the document window the model reads, and the match is on the topic rather
     than on copied text, as with a long question written before the document was found.
     """
-    sentences = [s for s in _SENTENCE.split(text.strip()) if s]
-    picked: list[str] = []
-    for sentence in reversed(sentences):
-        picked.insert(0, sentence)
-        if sum(len(s.split()) for s in picked) >= words:
-            return " ".join(" ".join(picked).split()[:words])
+    tail: list[str] = []  # the closing sentences' words, from the latest sentence start
+    for sentence in reversed(_SENTENCE.split(text.strip())):
+        tail = sentence.split() + tail
+        if len(tail) >= words:
+            return " ".join(tail[:words])
     return ""
 
 
