@@ -427,7 +427,7 @@ def long_pseudo_query(text: str, words: int) -> str:
 
 
 def make_pseudo_queries(
-    folder: Path,
+    titles: Mapping[str, tuple[str, str]],
     corpus: Mapping[str, str],
     n: int,
     seed: int,
@@ -435,7 +435,8 @@ def make_pseudo_queries(
     *,
     long: bool = False,
 ) -> dict[str, tuple[str, str]]:
-    """{pseudo qid: (query text, source doc id)} for `n` seeded documents of the corpus.
+    """{pseudo qid: (query text, source doc id)} for `n` seeded documents of the corpus;
+    `titles` is `read_titles` of its folder.
 
     Short ones (`pseudo_query`, ids `pseudo:<doc>`) by default; with `long`, long ones
     (`long_pseudo_query`, ids `pseudo-long:<doc>`, drawn with their own seed so adding them
@@ -443,7 +444,6 @@ def make_pseudo_queries(
     dev queries, so the dev metric is not measured on documents the student was shown as
     positives); a document a query cannot be made from is skipped, so fewer may come back.
     """
-    titles = read_titles(folder)
     banned = set(exclude)
     pool = [d for d in corpus if d not in banned and d in titles]
     rng = random.Random(f"{seed}:pseudo-long" if long else f"{seed}:pseudo")
@@ -501,9 +501,10 @@ def load_training_data(
     pseudo_sources: dict[str, str] = {}
     if query_source in ("pseudo", "both"):
         dev_docs = {d for q in dev_qids for d in data.qrels.get(q, {})}
-        made = make_pseudo_queries(full.path, data.corpus, pseudo_queries, seed, dev_docs)
+        titles = read_titles(full.path)
+        made = make_pseudo_queries(titles, data.corpus, pseudo_queries, seed, dev_docs)
         made |= make_pseudo_queries(
-            full.path, data.corpus, long_pseudo_queries, seed, dev_docs, long=True
+            titles, data.corpus, long_pseudo_queries, seed, dev_docs, long=True
         )
         for pqid, (text, did) in made.items():
             queries[pqid] = text
