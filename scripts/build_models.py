@@ -279,12 +279,13 @@ def student(build: Path, name: str, data: Path, extra: list[str]) -> None:
     dev NDCG@10 fell (0.754 -> 0.727). Quantisation is not the cause: the teacher on torch
     fp32 against itself on ONNX int8 has 0.97 on Cranfield; bf16 against fp32, 0.99 on a
     dev slice. An overfitting test on 50 SciFact train queries alone (25 epochs, lr 1e-4,
-    from these weights; Spearman on those 50 queries' dense top 30): listwise KL brought
-    its loss from 0.15 to 0.02 and Spearman from 0.51 to 0.55 only, since KL at T = 1
-    hardly weighs the order below the teacher's top few; RankNet at T = 0.1 raised it to
-    0.73 (loss still falling) and dev Spearman from 0.57 to 0.63, but dev NDCG@10 fell from
-    0.76 to 0.70, as RankNet did before. The order is learnable further than KL takes it,
-    at a cost in NDCG that no loss tried here avoids.
+    from these weights; Spearman on those 50 queries' dense top 30; its dev is 60 other
+    queries, not the recipe's, since `--max-queries 110` draws both from the first 110):
+    listwise KL brought its loss from 0.15 to 0.02 and Spearman from 0.51 to 0.55 only,
+    since KL at T = 1 hardly weighs the order below the teacher's top few; RankNet at
+    T = 0.1 raised it to 0.73 (loss still falling) and that dev's Spearman from 0.57 to
+    0.63, but its NDCG@10 fell from 0.76 to 0.70, as RankNet did before. The order is
+    learnable further than KL takes it, at a cost in NDCG that no loss tried here avoids.
     The session notes of sessions 18 to 22 have the figures."""
     teacher = phase_dir(build, 4)
     out = build / RECIPES[name][0]
